@@ -1,0 +1,856 @@
+//! The typed `[aws]`, `[destinations]` and `[routes]` sections, read from the passthrough values of
+//! [`outbox::Config`] and validated before anything connects. Every error names the key and the fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The endpoint the `local` profile uses when neither the configuration nor `AWS_ENDPOINT_URL*`
+/// names one: the port LocalStack and `scripts/aws-emulator.sh` listen on.
+pub const LOCAL_DEFAULT_ENDPOINT: &str = "http://localhost:4566";
+/// The region the `local` profile uses when neither `aws.region` nor `AWS_REGION` sets one.
+pub const LOCAL_DEFAULT_REGION: &str = "us-east-1";
+
+/// Current AWS limits, used as configuration defaults (not enforced anywhere else in the code).
+pub mod limits {
+    /// SQS: largest message (body + attributes), 1 MiB since August 2025.
+    pub const SQS_MAX_MESSAGE_BYTES: usize = 1_048_576;
+    /// SQS: largest `SendMessageBatch` request (sum of its messages).
+    pub const SQS_MAX_REQUEST_BYTES: usize = 1_048_576;
+    /// SQS: entries per `SendMessageBatch`.
+    pub const SQS_MAX_ENTRIES: usize = 10;
+    /// SQS: message attributes per message.
+    pub const SQS_MAX_ATTRIBUTES: usize = 10;
+    /// EventBridge: largest `PutEvents` entry, and the largest request (sum of its entries): 256 KiB.
+    pub const EVENTBRIDGE_MAX_ENTRY_BYTES: usize = 262_144;
+    pub const EVENTBRIDGE_MAX_REQUEST_BYTES: usize = 262_144;
+    /// EventBridge: entries per `PutEvents`.
+    pub const EVENTBRIDGE_MAX_ENTRIES: usize = 10;
+}
+
+/// A configuration problem of the AWS sections, found before anything connects.
+#[derive(Debug, thiserror::Error)]
+pub enum AwsConfigError {
+    #[error("invalid [{section}] section: {message}")]
+    Section {
+        section: &'static str,
+        message: String,
+    },
+    #[error("invalid value for `{key}`: {problem}; {fix}")]
+    Value {
+        key: String,
+        problem: String,
+        fix: String,
+    },
+    #[error("no AWS region for profile `{profile}`: set AWS_REGION (or a region in your AWS_PROFILE), or aws.region in outbox.toml")]
+    NoRegion { profile: String },
+    #[error("unknown profile `{0}`: use local, dev or prod")]
+    UnknownProfile(String),
+}
+
+impl AwsConfigError {
+    fn value(key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self::Value {
+            key: key.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// Which world the AWS clients talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    /// An emulator on loopback (moto or LocalStack): dummy credentials, may create infrastructure.
+    Local,
+    /// Real AWS with the default credential chain; never creates infrastructure.
+    Dev,
+    /// Real AWS with the default credential chain; never creates infrastructure.
+    Prod,
+}
+
+impl Profile {
+    pub fn parse(name: &str) -> Result<Self, AwsConfigError> {
+        match name {
+            "local" => Ok(Self::Local),
+            "dev" => Ok(Self::Dev),
+            "prod" => Ok(Self::Prod),
+            other => Err(AwsConfigError::UnknownProfile(other.to_owned())),
+        }
+    }
+    pub fn is_local(self) -> bool {
+        self == Self::Local
+    }
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::Dev => "dev",
+            Self::Prod => "prod",
+        })
+    }
+}
+
+/// `[aws]`: clients, the default destination, large payloads and the local bootstrap.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsSection {
+    /// Region; otherwise `AWS_REGION` / the AWS profile (dev, prod) or `us-east-1` (local).
+    pub region: Option<String>,
+    /// `local` only: one endpoint for every service (default `http://localhost:4566`).
+    pub endpoint: Option<String>,
+    /// `local` only: per-service endpoints, winning over `endpoint`.
+    pub endpoints: ServiceEndpoints,
+    /// Where events go that neither name a destination nor match a route.
+    pub default_destination: Option<String>,
+    /// S3 offloading of payloads over a destination's size limit (claim check).
+    pub large_payloads: Option<LargePayloads>,
+    /// What `bootstrap` creates besides the destinations (local profile only).
+    pub bootstrap: BootstrapSection,
+}
+
+/// `[aws.endpoints]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceEndpoints {
+    pub sqs: Option<String>,
+    pub eventbridge: Option<String>,
+    pub s3: Option<String>,
+    pub dynamodb: Option<String>,
+}
+
+/// `[aws.large_payloads]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LargePayloads {
+    pub bucket: String,
+    /// Object keys are `<prefix><event id>.json`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_prefix() -> String {
+    "outbox/".to_owned()
+}
+
+/// `[aws.bootstrap]`: extra infrastructure for the local profile.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootstrapSection {
+    /// Queues that are not destinations, e.g. the targets of EventBridge rules (`.fifo` = FIFO).
+    pub queues: Vec<String>,
+    /// EventBridge rules with an SQS target.
+    pub rules: Vec<RuleSpec>,
+    /// DynamoDB tables (e.g. a consumer's idempotency table).
+    pub tables: Vec<TableSpec>,
+}
+
+/// `[[aws.bootstrap.rules]]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    /// Bus name; `default` is the account's default bus.
+    #[serde(default = "default_bus")]
+    pub bus: String,
+    /// An EventBridge event pattern, as JSON text.
+    pub event_pattern: String,
+    /// The queue (name) the rule delivers to; created if missing.
+    pub target_queue: String,
+    /// For a FIFO target: the (static) message group of every delivered event.
+    pub message_group_id: Option<String>,
+}
+
+/// `[[aws.bootstrap.tables]]`: a pay-per-request table with string keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    pub name: String,
+    #[serde(default = "default_partition_key")]
+    pub partition_key: String,
+    pub sort_key: Option<String>,
+    /// Attribute holding an epoch-seconds expiry; enables DynamoDB TTL on it.
+    pub ttl_attribute: Option<String>,
+}
+
+fn default_partition_key() -> String {
+    "pk".to_owned()
+}
+
+fn default_bus() -> String {
+    "default".to_owned()
+}
+
+/// What a message body (SQS) or an event's detail (EventBridge) contains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyFormat {
+    /// The event's payload JSON as enqueued; metadata travels in attributes (SQS).
+    #[default]
+    Payload,
+    /// The outbox's JSON envelope: id, seq, aggregate, event type, payload, headers, created_at.
+    Envelope,
+}
+
+/// `[destinations.NAME]`: where events can go.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DestinationConfig {
+    /// An SQS queue; a name ending in `.fifo` is a FIFO queue.
+    Sqs(SqsDestination),
+    /// An EventBridge event bus.
+    Eventbridge(EventBridgeDestination),
+}
+
+impl DestinationConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Sqs(_) => "sqs",
+            Self::Eventbridge(_) => "eventbridge",
+        }
+    }
+}
+
+/// `kind = "sqs"`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsDestination {
+    /// Queue name (resolved with GetQueueUrl) or full queue URL.
+    pub queue: String,
+    #[serde(default)]
+    pub body: BodyFormat,
+    #[serde(default = "sqs_max_message_bytes")]
+    pub max_message_bytes: usize,
+    #[serde(default = "sqs_max_request_bytes")]
+    pub max_request_bytes: usize,
+    #[serde(default = "sqs_max_entries")]
+    pub max_entries: usize,
+    #[serde(default = "sqs_max_attributes")]
+    pub max_attributes: usize,
+}
+
+impl SqsDestination {
+    /// FIFO queues are the ones whose name ends in `.fifo` (an AWS rule, not a convention).
+    pub fn is_fifo(&self) -> bool {
+        self.queue_name().ends_with(".fifo")
+    }
+    /// The queue's name, also when `queue` is a URL.
+    pub fn queue_name(&self) -> &str {
+        queue_name_of(&self.queue)
+    }
+    pub fn is_url(&self) -> bool {
+        self.queue.starts_with("http://") || self.queue.starts_with("https://")
+    }
+}
+
+/// The last path segment of a queue URL, or the name itself.
+pub fn queue_name_of(queue: &str) -> &str {
+    queue
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(queue)
+}
+
+fn sqs_max_message_bytes() -> usize {
+    limits::SQS_MAX_MESSAGE_BYTES
+}
+fn sqs_max_request_bytes() -> usize {
+    limits::SQS_MAX_REQUEST_BYTES
+}
+fn sqs_max_entries() -> usize {
+    limits::SQS_MAX_ENTRIES
+}
+fn sqs_max_attributes() -> usize {
+    limits::SQS_MAX_ATTRIBUTES
+}
+
+/// `kind = "eventbridge"`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventBridgeDestination {
+    /// Bus name or ARN; `default` is the account's default bus.
+    #[serde(default = "default_bus")]
+    pub bus: String,
+    /// `Source` template; `{aggregate_type}` and `{event_type}` are replaced.
+    #[serde(default = "default_source")]
+    pub source: String,
+    /// `DetailType` template; same placeholders.
+    #[serde(default = "default_detail_type")]
+    pub detail_type: String,
+    #[serde(default)]
+    pub detail: BodyFormat,
+    #[serde(default = "eb_max_entry_bytes")]
+    pub max_entry_bytes: usize,
+    #[serde(default = "eb_max_request_bytes")]
+    pub max_request_bytes: usize,
+    #[serde(default = "eb_max_entries")]
+    pub max_entries: usize,
+}
+
+fn default_source() -> String {
+    "outbox.{aggregate_type}".to_owned()
+}
+fn default_detail_type() -> String {
+    "{event_type}".to_owned()
+}
+fn eb_max_entry_bytes() -> usize {
+    limits::EVENTBRIDGE_MAX_ENTRY_BYTES
+}
+fn eb_max_request_bytes() -> usize {
+    limits::EVENTBRIDGE_MAX_REQUEST_BYTES
+}
+fn eb_max_entries() -> usize {
+    limits::EVENTBRIDGE_MAX_ENTRIES
+}
+
+/// `[[routes]]`: the first route whose conditions all match an event names its destination.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub event_type: Option<String>,
+    pub aggregate_type: Option<String>,
+    pub destination: String,
+}
+
+impl RouteConfig {
+    pub fn matches(&self, event: &outbox::OutboxEvent) -> bool {
+        self.event_type
+            .as_deref()
+            .is_none_or(|t| t == event.event_type)
+            && self
+                .aggregate_type
+                .as_deref()
+                .is_none_or(|t| t == event.aggregate_type)
+    }
+}
+
+impl fmt::Display for RouteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(t) = &self.event_type {
+            parts.push(format!("event_type = {t:?}"));
+        }
+        if let Some(t) = &self.aggregate_type {
+            parts.push(format!("aggregate_type = {t:?}"));
+        }
+        write!(f, "{{ {} }} -> {}", parts.join(", "), self.destination)
+    }
+}
+
+/// The whole AWS side of the configuration, validated.
+#[derive(Debug, Clone)]
+pub struct AwsConfig {
+    pub profile: Profile,
+    pub aws: AwsSection,
+    pub destinations: BTreeMap<String, DestinationConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+/// What the SDK clients need: the profile and the `[aws]` section (for consumers that have no
+/// destinations, e.g. a queue consumer reusing the same profile logic).
+#[derive(Debug, Clone)]
+pub struct AwsSettings {
+    pub profile: Profile,
+    pub aws: AwsSection,
+}
+
+impl AwsSettings {
+    /// Reads and validates `[aws]` of an [`outbox::Config`].
+    pub fn from_config(config: &outbox::Config) -> Result<Self, AwsConfigError> {
+        let profile = Profile::parse(&config.profile)?;
+        let aws: AwsSection = section(&config.aws, "aws")?.unwrap_or_default();
+        let settings = Self { profile, aws };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Settings for `profile` with an empty `[aws]` section.
+    pub fn new(profile: Profile) -> Self {
+        Self {
+            profile,
+            aws: AwsSection::default(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), AwsConfigError> {
+        let aws = &self.aws;
+        let endpoints = [
+            ("aws.endpoint", &aws.endpoint),
+            ("aws.endpoints.sqs", &aws.endpoints.sqs),
+            ("aws.endpoints.eventbridge", &aws.endpoints.eventbridge),
+            ("aws.endpoints.s3", &aws.endpoints.s3),
+            ("aws.endpoints.dynamodb", &aws.endpoints.dynamodb),
+        ];
+        for (key, value) in endpoints {
+            let Some(url) = value else { continue };
+            if !self.profile.is_local() {
+                // A `[default.aws] endpoint` meant for the emulator must never silently follow a
+                // deployment to real AWS.
+                return Err(AwsConfigError::value(
+                    key,
+                    format!("an endpoint is set for the `{}` profile", self.profile),
+                    "endpoints in outbox.toml are for the local profile only: move it to [local.aws]; \
+                     to reach AWS through another endpoint in dev/prod use AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_<SERVICE>",
+                ));
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(AwsConfigError::value(
+                    key,
+                    format!("{url:?} is not an http(s) URL"),
+                    "use a URL such as \"http://localhost:4566\"",
+                ));
+            }
+        }
+        if let Some(region) = &aws.region {
+            if region.is_empty()
+                || !region
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            {
+                return Err(AwsConfigError::value(
+                    "aws.region",
+                    format!("{region:?} is not a region name"),
+                    "use a region such as \"eu-west-1\"",
+                ));
+            }
+        }
+        if let Some(large) = &aws.large_payloads {
+            if large.bucket.is_empty() {
+                return Err(AwsConfigError::value(
+                    "aws.large_payloads.bucket",
+                    "the bucket name is empty",
+                    "name an S3 bucket, or remove [aws.large_payloads] to dead-letter oversized events",
+                ));
+            }
+        }
+        for (i, rule) in aws.bootstrap.rules.iter().enumerate() {
+            if serde_json::from_str::<serde_json::Value>(&rule.event_pattern)
+                .map(|v| !v.is_object())
+                .unwrap_or(true)
+            {
+                return Err(AwsConfigError::value(
+                    format!("aws.bootstrap.rules[{i}].event_pattern"),
+                    format!(
+                        "rule `{}` has a pattern that is not a JSON object",
+                        rule.name
+                    ),
+                    "write the pattern as JSON text, e.g. '{\"detail-type\": [\"OrderPlaced\"]}'",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AwsConfig {
+    /// Reads and validates `[aws]`, `[destinations]` and `[routes]` of an [`outbox::Config`].
+    pub fn from_config(config: &outbox::Config) -> Result<Self, AwsConfigError> {
+        let settings = AwsSettings::from_config(config)?;
+        let destinations: BTreeMap<String, DestinationConfig> =
+            section(&config.destinations, "destinations")?.unwrap_or_default();
+        let routes: Vec<RouteConfig> = section(&config.routes, "routes")?.unwrap_or_default();
+        let config = Self {
+            profile: settings.profile,
+            aws: settings.aws,
+            destinations,
+            routes,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn settings(&self) -> AwsSettings {
+        AwsSettings {
+            profile: self.profile,
+            aws: self.aws.clone(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), AwsConfigError> {
+        if self.destinations.is_empty() {
+            return Err(AwsConfigError::value(
+                "destinations",
+                "no destination is configured",
+                "add one, e.g. [default.destinations.orders] kind = \"sqs\" queue = \"orders\"",
+            ));
+        }
+        for (name, destination) in &self.destinations {
+            validate_destination(name, destination)?;
+        }
+        let known = |name: &str| self.destinations.contains_key(name);
+        let names = || {
+            self.destinations
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(default) = &self.aws.default_destination {
+            if !known(default) {
+                return Err(AwsConfigError::value(
+                    "aws.default_destination",
+                    format!("`{default}` is not a configured destination"),
+                    format!("use one of: {}", names()),
+                ));
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if route.event_type.is_none() && route.aggregate_type.is_none() {
+                return Err(AwsConfigError::value(
+                    key,
+                    format!("route to `{}` has no condition", route.destination),
+                    "give it event_type and/or aggregate_type, or use aws.default_destination for a catch-all",
+                ));
+            }
+            if !known(&route.destination) {
+                return Err(AwsConfigError::value(
+                    format!("{key}.destination"),
+                    format!("`{}` is not a configured destination", route.destination),
+                    format!("use one of: {}", names()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The destination of an event: its explicit `destination`, else the first matching route,
+    /// else `aws.default_destination`. The error is the reason an event dead-letters with.
+    pub fn route(&self, event: &outbox::OutboxEvent) -> Result<&str, String> {
+        if let Some(explicit) = &event.destination {
+            return match self.destinations.get_key_value(explicit.as_str()) {
+                Some((name, _)) => Ok(name.as_str()),
+                None => Err(format!(
+                    "event names destination `{explicit}`, which is not configured: add [destinations.{explicit}] \
+                     or fix the producer (configured: {})",
+                    self.destinations.keys().cloned().collect::<Vec<_>>().join(", ")
+                )),
+            };
+        }
+        if let Some(route) = self.routes.iter().find(|r| r.matches(event)) {
+            return Ok(route.destination.as_str());
+        }
+        if let Some(default) = &self.aws.default_destination {
+            return Ok(default.as_str());
+        }
+        Err(format!(
+            "no route for event_type `{}` / aggregate_type `{}`: add a [[routes]] entry with \
+             event_type = {:?} or aggregate_type = {:?}, or set aws.default_destination",
+            event.event_type, event.aggregate_type, event.event_type, event.aggregate_type
+        ))
+    }
+}
+
+fn validate_destination(name: &str, destination: &DestinationConfig) -> Result<(), AwsConfigError> {
+    let key = |field: &str| format!("destinations.{name}.{field}");
+    let positive = |field: &str, value: usize, max: usize| {
+        if value == 0 || value > max {
+            Err(AwsConfigError::value(
+                key(field),
+                format!("{value} is out of range"),
+                format!("use 1 to {max} (the AWS limit; omit it for the default)"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match destination {
+        DestinationConfig::Sqs(sqs) => {
+            let queue = sqs.queue_name();
+            if queue.is_empty()
+                || queue.len() > 80
+                || !queue
+                    .trim_end_matches(".fifo")
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(AwsConfigError::value(
+                    key("queue"),
+                    format!("{:?} is not a queue name or URL", sqs.queue),
+                    "use a queue name (letters, digits, - and _, up to 80, `.fifo` suffix for FIFO) or its full URL",
+                ));
+            }
+            // Counts are capped at the AWS limits (more would only fail at the broker); byte
+            // limits allow generous multiples, so a future AWS increase needs no code change.
+            positive("max_entries", sqs.max_entries, limits::SQS_MAX_ENTRIES)?;
+            if !(crate::sqs::FIXED_ATTRIBUTES..=limits::SQS_MAX_ATTRIBUTES)
+                .contains(&sqs.max_attributes)
+            {
+                return Err(AwsConfigError::value(
+                    key("max_attributes"),
+                    format!("{} is out of range", sqs.max_attributes),
+                    format!(
+                        "use {} to {} (four outbox attributes and the claim-check flag are always reserved)",
+                        crate::sqs::FIXED_ATTRIBUTES,
+                        limits::SQS_MAX_ATTRIBUTES
+                    ),
+                ));
+            }
+            positive(
+                "max_message_bytes",
+                sqs.max_message_bytes,
+                64 * limits::SQS_MAX_MESSAGE_BYTES,
+            )?;
+            positive(
+                "max_request_bytes",
+                sqs.max_request_bytes,
+                64 * limits::SQS_MAX_REQUEST_BYTES,
+            )?;
+            if sqs.max_message_bytes > sqs.max_request_bytes {
+                return Err(AwsConfigError::value(
+                    key("max_message_bytes"),
+                    format!(
+                        "{} is over max_request_bytes ({})",
+                        sqs.max_message_bytes, sqs.max_request_bytes
+                    ),
+                    "a message must fit in a request: lower max_message_bytes",
+                ));
+            }
+        }
+        DestinationConfig::Eventbridge(eb) => {
+            if eb.bus.is_empty() {
+                return Err(AwsConfigError::value(
+                    key("bus"),
+                    "the bus name is empty",
+                    "name a bus, or omit `bus` for the default bus",
+                ));
+            }
+            for (field, template) in [("source", &eb.source), ("detail_type", &eb.detail_type)] {
+                check_template(template).map_err(|problem| {
+                    AwsConfigError::value(
+                        key(field),
+                        problem,
+                        "use text with the placeholders {aggregate_type} and {event_type}",
+                    )
+                })?;
+            }
+            if eb.source.to_ascii_lowercase().starts_with("aws.") {
+                return Err(AwsConfigError::value(
+                    key("source"),
+                    format!("{:?} starts with `aws.`, which AWS reserves", eb.source),
+                    "use your own prefix, e.g. \"outbox.{aggregate_type}\"",
+                ));
+            }
+            positive(
+                "max_entries",
+                eb.max_entries,
+                limits::EVENTBRIDGE_MAX_ENTRIES,
+            )?;
+            positive(
+                "max_entry_bytes",
+                eb.max_entry_bytes,
+                64 * limits::EVENTBRIDGE_MAX_ENTRY_BYTES,
+            )?;
+            positive(
+                "max_request_bytes",
+                eb.max_request_bytes,
+                64 * limits::EVENTBRIDGE_MAX_REQUEST_BYTES,
+            )?;
+            if eb.max_entry_bytes > eb.max_request_bytes {
+                return Err(AwsConfigError::value(
+                    key("max_entry_bytes"),
+                    format!(
+                        "{} is over max_request_bytes ({})",
+                        eb.max_entry_bytes, eb.max_request_bytes
+                    ),
+                    "an entry must fit in a request: lower max_entry_bytes",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The placeholders a template may use.
+const PLACEHOLDERS: &[&str] = &["aggregate_type", "event_type"];
+
+fn check_template(template: &str) -> Result<(), String> {
+    if template.is_empty() {
+        return Err("the template is empty".into());
+    }
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            return Err(format!("{template:?} has an unclosed `{{`"));
+        };
+        let name = &after[..close];
+        if !PLACEHOLDERS.contains(&name) {
+            return Err(format!(
+                "{template:?} uses unknown placeholder `{{{name}}}`"
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
+}
+
+/// Renders a validated template for an event.
+pub(crate) fn render_template(template: &str, event: &outbox::OutboxEvent) -> String {
+    template
+        .replace("{aggregate_type}", &event.aggregate_type)
+        .replace("{event_type}", &event.event_type)
+}
+
+fn section<T: DeserializeOwned>(
+    value: &Option<figment::value::Value>,
+    name: &'static str,
+) -> Result<Option<T>, AwsConfigError> {
+    let Some(value) = value else { return Ok(None) };
+    value.deserialize::<T>().map(Some).map_err(|e| {
+        // figment names the offending field and the value's source (file or environment).
+        let mut message = String::new();
+        for (i, err) in e.into_iter().enumerate() {
+            if i > 0 {
+                message.push_str("; ");
+            }
+            message.push_str(&err.to_string());
+        }
+        AwsConfigError::Section {
+            section: name,
+            message,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, profile: &str) -> Result<AwsConfig, String> {
+        let path =
+            std::env::temp_dir().join(format!("outbox-aws-cfg-{}.toml", uuid::Uuid::now_v7()));
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        let config = outbox::Config::load(&outbox::ConfigSource {
+            file: Some(path.clone()),
+            profile: Some(profile.into()),
+            use_env: false,
+        });
+        let _ = std::fs::remove_file(&path);
+        let config = config.map_err(|e| e.to_string())?;
+        AwsConfig::from_config(&config).map_err(|e| e.to_string())
+    }
+
+    const BASE: &str = r#"
+        [default.destinations.orders]
+        kind = "sqs"
+        queue = "orders-events.fifo"
+        [default.destinations.bus]
+        kind = "eventbridge"
+        bus = "app-bus"
+        [[default.routes]]
+        event_type = "OrderPlaced"
+        aggregate_type = "order"
+        destination = "orders"
+        [default.aws]
+        default_destination = "bus"
+    "#;
+
+    fn event(aggregate_type: &str, event_type: &str) -> outbox::OutboxEvent {
+        serde_json::from_value(serde_json::json!({
+            "id": uuid::Uuid::now_v7(), "seq": 1, "aggregate_type": aggregate_type,
+            "aggregate_id": "1", "event_type": event_type, "payload": {},
+            "created_at": "2026-01-01T00:00:00Z"
+        }))
+        .expect("a valid event")
+    }
+
+    #[test]
+    fn parses_destinations_routes_and_defaults() {
+        let config = load(BASE, "local").unwrap();
+        let DestinationConfig::Sqs(orders) = &config.destinations["orders"] else {
+            panic!("orders is sqs")
+        };
+        assert!(orders.is_fifo());
+        assert_eq!(orders.max_message_bytes, limits::SQS_MAX_MESSAGE_BYTES);
+        let DestinationConfig::Eventbridge(bus) = &config.destinations["bus"] else {
+            panic!("bus is eventbridge")
+        };
+        assert_eq!(bus.source, "outbox.{aggregate_type}");
+        assert_eq!(config.route(&event("order", "OrderPlaced")), Ok("orders"));
+        assert_eq!(config.route(&event("order", "OrderShipped")), Ok("bus"));
+        let mut explicit = event("order", "OrderPlaced");
+        explicit.destination = Some("bus".into());
+        assert_eq!(config.route(&explicit), Ok("bus"));
+        explicit.destination = Some("nowhere".into());
+        assert!(config.route(&explicit).unwrap_err().contains("`nowhere`"));
+    }
+
+    #[test]
+    fn no_route_names_what_is_missing() {
+        let text = BASE.replace("default_destination = \"bus\"", "");
+        let config = load(&text, "local").unwrap();
+        let err = config.route(&event("user", "UserCreated")).unwrap_err();
+        assert!(
+            err.contains("UserCreated") && err.contains("[[routes]]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let err = load(&BASE.replace("queue = ", "queu = "), "local").unwrap_err();
+        assert!(err.contains("queu"), "{err}");
+        let err = load(&BASE.replace("kind = \"sqs\"", "kind = \"kafka\""), "local").unwrap_err();
+        assert!(err.contains("kafka"), "{err}");
+        let err = load(
+            &BASE.replace("destination = \"orders\"", "destination = \"ordres\""),
+            "local",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("routes[0].destination") && err.contains("orders"),
+            "{err}"
+        );
+        let err = load(
+            &format!("{BASE}\nendpoint = \"http://localhost:4566\"\n"),
+            "prod",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("aws.endpoint") && err.contains("[local.aws]"),
+            "{err}"
+        );
+        assert!(load(
+            &format!("{BASE}\nendpoint = \"http://localhost:4566\"\n"),
+            "local"
+        )
+        .is_ok());
+        let err = load(
+            &BASE.replace(
+                "bus = \"app-bus\"",
+                "bus = \"app-bus\"\nsource = \"{aggregate}\"",
+            ),
+            "local",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("destinations.bus.source") && err.contains("{aggregate}"),
+            "{err}"
+        );
+        let err = load(
+            &BASE.replace(
+                "queue = \"orders-events.fifo\"",
+                "queue = \"o.fifo\"\nmax_entries = 11",
+            ),
+            "local",
+        )
+        .unwrap_err();
+        assert!(err.contains("destinations.orders.max_entries"), "{err}");
+    }
+
+    #[test]
+    fn queue_names_come_from_urls_too() {
+        assert_eq!(
+            queue_name_of("http://127.0.0.1:4566/123456789012/a.fifo"),
+            "a.fifo"
+        );
+        assert_eq!(queue_name_of("plain"), "plain");
+    }
+}

@@ -1,0 +1,202 @@
+//! The EventBridge publisher: `PutEvents` to one event bus.
+//!
+//! Each event becomes an entry with `Source` and `DetailType` from the destination's templates
+//! (defaults `outbox.{aggregate_type}` and `{event_type}`), `Detail` = the payload (default) or the
+//! outbox envelope (`detail = "envelope"`, which also carries the event id and headers: EventBridge
+//! entries have no attributes), `Time` = the event's `created_at`, and `EventBusName`.
+//! Per-entry failures (`FailedEntryCount`) are classified individually: throttling and internal
+//! failures are retryable, anything else (malformed detail, invalid argument) is permanent.
+
+use async_trait::async_trait;
+use aws_sdk_eventbridge::primitives::DateTime;
+use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+use outbox::publisher::envelope_json;
+use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
+
+use crate::batch::{publish_in_waves, Prepared, Sink};
+use crate::claim_check::Offloader;
+use crate::config::{render_template, BodyFormat, EventBridgeDestination, Profile};
+use crate::errors::{classify, is_transient_code, service_code, RequestFailure};
+
+/// What EventBridge counts for `Time` in an entry's size.
+const TIME_BYTES: usize = 14;
+
+/// Publishes to one EventBridge bus.
+#[derive(Debug)]
+pub struct EventBridgePublisher {
+    name: String,
+    config: EventBridgeDestination,
+    client: aws_sdk_eventbridge::Client,
+    offloader: Option<Offloader>,
+    profile: Profile,
+    endpoint: Option<String>,
+}
+
+impl EventBridgePublisher {
+    pub(crate) fn new(
+        name: &str,
+        config: EventBridgeDestination,
+        client: aws_sdk_eventbridge::Client,
+        offloader: Option<Offloader>,
+        profile: Profile,
+        endpoint: Option<String>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            config,
+            client,
+            offloader,
+            profile,
+            endpoint,
+        }
+    }
+
+    fn detail(&self, event: &OutboxEvent) -> String {
+        match self.config.detail {
+            BodyFormat::Payload => event.payload.get().to_owned(),
+            BodyFormat::Envelope => envelope_json(event),
+        }
+    }
+}
+
+/// The size EventBridge counts for an entry (its documented formula).
+fn entry_size(source: &str, detail_type: &str, detail: &str) -> usize {
+    TIME_BYTES + source.len() + detail_type.len() + detail.len()
+}
+
+#[async_trait]
+impl Sink for EventBridgePublisher {
+    type Entry = PutEventsRequestEntry;
+
+    fn max_entries(&self) -> usize {
+        self.config.max_entries
+    }
+    fn max_request_bytes(&self) -> usize {
+        self.config.max_request_bytes
+    }
+
+    async fn prepare(
+        &self,
+        event: &OutboxEvent,
+    ) -> Result<Prepared<PutEventsRequestEntry>, PublishError> {
+        let source = render_template(&self.config.source, event);
+        let detail_type = render_template(&self.config.detail_type, event);
+        let mut detail = self.detail(event);
+        let mut size = entry_size(&source, &detail_type, &detail);
+        if size > self.config.max_entry_bytes {
+            let too_large = |size: usize| {
+                PublishError::permanent(format!(
+                    "event {} makes an EventBridge entry of {size} bytes, over the limit of {} bytes of \
+                     destination `{}` (destinations.{}.max_entry_bytes): configure [aws.large_payloads] \
+                     bucket to offload large payloads to S3, or make the event smaller",
+                    event.id, self.config.max_entry_bytes, self.name, self.name
+                ))
+            };
+            let Some(offloader) = &self.offloader else {
+                return Err(too_large(size));
+            };
+            let check = offloader
+                .store(event.id, detail)
+                .await
+                .map_err(|f| match f {
+                    RequestFailure::Transient(r) => PublishError::retryable(r),
+                    RequestFailure::Content(r) => PublishError::permanent(r),
+                })?;
+            detail = check.to_body();
+            size = entry_size(&source, &detail_type, &detail);
+            if size > self.config.max_entry_bytes {
+                return Err(too_large(size));
+            }
+        }
+        let entry = PutEventsRequestEntry::builder()
+            .source(source)
+            .detail_type(detail_type)
+            .detail(detail)
+            .event_bus_name(&self.config.bus)
+            .time(DateTime::from_millis(event.created_at.timestamp_millis()))
+            .build();
+        Ok(Prepared { entry, size })
+    }
+
+    async fn send(
+        &self,
+        entries: &[(String, PutEventsRequestEntry)],
+    ) -> Result<Vec<PublishResult>, RequestFailure> {
+        let what = format!("EventBridge PutEvents to bus `{}`", self.config.bus);
+        let output = self
+            .client
+            .put_events()
+            .set_entries(Some(entries.iter().map(|(_, e)| e.clone()).collect()))
+            .send()
+            .await
+            .map_err(|e| classify(&e, &what))?;
+        let results = output.entries();
+        if results.len() != entries.len() {
+            return Err(RequestFailure::Transient(format!(
+                "{what}: {} results for {} entries",
+                results.len(),
+                entries.len()
+            )));
+        }
+        Ok(results
+            .iter()
+            .map(|r| match r.error_code() {
+                None => Ok(()),
+                Some(code) => {
+                    let reason = format!(
+                        "EventBridge refused the entry for bus `{}`: {code}: {}",
+                        self.config.bus,
+                        r.error_message().unwrap_or("no message")
+                    );
+                    if is_transient_code(code) {
+                        Err(PublishError::retryable(reason))
+                    } else {
+                        Err(PublishError::permanent(reason))
+                    }
+                }
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Publisher for EventBridgePublisher {
+    async fn publish(&self, batch: &[OutboxEvent]) -> Vec<PublishResult> {
+        publish_in_waves(self, batch).await
+    }
+
+    async fn check(&self) -> Result<(), PublishError> {
+        let bus = &self.config.bus;
+        let error = match self.client.describe_event_bus().name(bus).send().await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let missing = service_code(&error).as_deref() == Some("ResourceNotFoundException");
+        let detail = match classify(&error, "EventBridge DescribeEventBus") {
+            RequestFailure::Transient(t) | RequestFailure::Content(t) => t,
+        };
+        let where_ = self
+            .endpoint
+            .as_deref()
+            .map(|e| format!(" at {e}"))
+            .unwrap_or_default();
+        let fix = match self.profile {
+            Profile::Local => "run `outbox aws bootstrap` to create it on the emulator".to_owned(),
+            Profile::Dev | Profile::Prod => format!(
+                "create the bus (e.g. with your infrastructure tool) in this account and region, or fix destinations.{}.bus",
+                self.name
+            ),
+        };
+        Err(PublishError::permanent(if missing {
+            format!(
+                "destination `{}`: EventBridge bus `{bus}` does not exist{where_} (profile {}): {fix}",
+                self.name, self.profile
+            )
+        } else {
+            format!(
+                "destination `{}`: cannot verify EventBridge bus `{bus}`{where_} (profile {}): {detail}; {fix}",
+                self.name, self.profile
+            )
+        }))
+    }
+}

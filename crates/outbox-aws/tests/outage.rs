@@ -1,0 +1,188 @@
+//! The emulator goes down while the relay runs and producers keep committing: the relay retries
+//! with backoff, and once the emulator is back every event is delivered, none lost, none twice.
+//!
+//! It stops and restarts the emulator with `scripts/aws-emulator.sh`, so it needs an emulator the
+//! script started (not LocalStack in Docker) and it is alone in its test binary: other test
+//! binaries run before or after it, never during.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use outbox::{Backoff, Publisher, Relay, RelayOptions};
+use outbox_aws::{bootstrap, publisher_from_config, AwsConfig};
+use outbox_testkit::TestDb;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/aws-emulator.sh")
+}
+
+fn emulator(action: &str) {
+    let (_, port) = endpoint_addr();
+    let status = Command::new("bash")
+        .arg(script())
+        .arg(action)
+        .env("AWS_EMULATOR_PORT", port.to_string())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run scripts/aws-emulator.sh {action}: {e}"));
+    assert!(status.success(), "scripts/aws-emulator.sh {action} failed");
+}
+
+/// Restarts the emulator even when the test fails half-way, so later tests find it.
+struct RestartOnDrop;
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::panic::catch_unwind(|| emulator("start"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn relay_rides_out_an_emulator_outage_without_losing_events() {
+    require_emulator().await;
+    let (_, port) = endpoint_addr();
+    let pid_file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../../.run/aws-emulator-{port}.pid"));
+    assert!(
+        pid_file.exists(),
+        "this test stops and restarts the emulator, so it must be the one `scripts/aws-emulator.sh start` \
+         started (no {}); LocalStack users: run the other tests with --skip relay_rides_out",
+        pid_file.display()
+    );
+
+    let queue = unique("outage");
+    let config = load_config(
+        &format!(
+            "[local]\npublisher = \"aws\"\n[local.destinations.q]\nkind = \"sqs\"\nqueue = \"{queue}\"\n{}\ndefault_destination = \"q\"\n",
+            local_aws_section()
+        ),
+        "local",
+    );
+    bootstrap(&config).await.expect("bootstrap");
+    let settings = AwsConfig::from_config(&config).unwrap().settings();
+    let sqs = sqs(&settings).await;
+    let url = queue_url(&sqs, &queue).await;
+    let db = TestDb::new().await.unwrap();
+
+    let options = RelayOptions {
+        max_attempts: 1000, // an outage is not the events' fault: never dead-letter here
+        backoff: Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        },
+        publish_timeout: Duration::from_secs(10),
+        ..relay_options()
+    };
+    let publisher = publisher_from_config(&config).await.expect("publisher");
+    let relay = Relay::new(store(&db).await, publisher, options);
+    let handle = relay.spawn();
+
+    // Before: the relay delivers.
+    let before = enqueue(
+        &db,
+        (0..3)
+            .map(|i| {
+                event(
+                    "order",
+                    &format!("b{i}"),
+                    "Before",
+                    serde_json::json!({"i": i}),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let got = receive(&sqs, &url, 3, Duration::from_secs(20), Duration::ZERO).await;
+    assert_eq!(got.len(), 3, "delivered before the outage");
+
+    // Down: producers keep committing; the relay keeps failing and backing off.
+    let _guard = RestartOnDrop;
+    emulator("stop");
+    let down = publisher_from_config(&config)
+        .await
+        .expect("publisher")
+        .check()
+        .await
+        .expect_err("the start-up check fails while the emulator is down");
+    assert!(
+        down.reason().contains("scripts/aws-emulator.sh start"),
+        "the error says how to fix it: {down}"
+    );
+    let mut during = Vec::new();
+    for i in 0..10 {
+        during.extend(
+            enqueue(
+                &db,
+                vec![event(
+                    "order",
+                    &format!("d{}", i % 4),
+                    "During",
+                    serde_json::json!({"i": i}),
+                )],
+            )
+            .await,
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let retried: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox_event WHERE status = 'pending' AND attempts > 0 AND last_error IS NOT NULL",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if retried > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay never recorded a failed attempt during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, _, error) = sqlx::query_as::<_, (String, i32, Option<String>)>(
+        "SELECT status, attempts, last_error FROM outbox_event WHERE attempts > 0 ORDER BY seq LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "pending", "retryable, not dead: {error:?}");
+    assert_eq!(count_status(&db, "dead").await, 0);
+
+    // Back: moto keeps its state in memory, so the queue is created again (as bootstrap would
+    // after any emulator restart); the relay's retries then get through.
+    emulator("start");
+    bootstrap(&config)
+        .await
+        .expect("bootstrap after the restart");
+    let got = receive(
+        &sqs,
+        &url,
+        during.len(),
+        Duration::from_secs(60),
+        Duration::from_millis(1500),
+    )
+    .await;
+    let by_id = by_event_id(&got); // panics on a duplicate
+    let expected: HashSet<String> = during.iter().map(ToString::to_string).collect();
+    let received: HashSet<String> = by_id.keys().cloned().collect();
+    assert_eq!(
+        received, expected,
+        "every event committed during the outage arrives, once"
+    );
+
+    let snapshot = handle.stop().await.expect("relay stops");
+    assert!(snapshot.retried > 0, "{snapshot:?}");
+    assert_eq!(
+        count_status(&db, "published").await,
+        (before.len() + during.len()) as i64
+    );
+    assert_eq!(count_status(&db, "dead").await, 0);
+    db.drop_db().await.unwrap();
+}

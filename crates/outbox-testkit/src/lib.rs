@@ -1,0 +1,139 @@
+//! Test support shared by the workspace's integration tests and benchmarks.
+//!
+//! - [`TestDb`]: a fresh PostgreSQL database per test (created on the server named by
+//!   `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`), migrated, dropped
+//!   when the test ends.
+//! - [`order_violations`]: checks that a sequence of published events keeps per-key order.
+
+use std::collections::HashMap;
+
+use outbox::{MigrateOptions, OutboxEvent, Schema};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+/// The server tests create their databases on.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database of its own for one test; dropped (with its connections) by [`TestDb::drop_db`] or,
+/// best effort, when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+    admin: PgConnectOptions,
+}
+
+impl TestDb {
+    /// A fresh, migrated database with the outbox in `public`.
+    pub async fn new() -> anyhow::Result<Self> {
+        Self::with_schema(&Schema::default(), MigrateOptions::default()).await
+    }
+
+    /// A fresh database with the outbox migrated into `schema`.
+    pub async fn with_schema(schema: &Schema, options: MigrateOptions) -> anyhow::Result<Self> {
+        let db = Self::empty().await?;
+        let mut conn = db.pool.acquire().await?;
+        outbox::migrate(&mut conn, schema, options).await?;
+        Ok(db)
+    }
+
+    /// A fresh database with nothing in it.
+    pub async fn empty() -> anyhow::Result<Self> {
+        let admin: PgConnectOptions = admin_url().parse()?;
+        let name = format!("outbox_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = admin.connect().await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        let options = admin.clone().database(&name);
+        let url = url_with_database(&admin_url(), &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            name,
+            url,
+            pool,
+            admin,
+        })
+    }
+
+    /// A single connection to the test database.
+    pub async fn connect(&self) -> anyhow::Result<PgConnection> {
+        Ok(self.admin.clone().database(&self.name).connect().await?)
+    }
+
+    /// Closes the pool and drops the database (terminating stray connections, e.g. of killed
+    /// relay processes).
+    pub async fn drop_db(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let mut conn = self.admin.connect().await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// `url` with its database path replaced by `database`.
+pub fn url_with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// Every place where `published` breaks per-key order: the first copy of each event must come
+/// after the first copy of every earlier (`seq`) event of its key. Returns readable descriptions.
+pub fn order_violations(published: &[OutboxEvent]) -> Vec<String> {
+    let mut last_seq: HashMap<(String, String), i64> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut violations = Vec::new();
+    for event in published {
+        if !seen.insert(event.id) {
+            continue; // a duplicate: at-least-once allows it
+        }
+        let key = (event.aggregate_type.clone(), event.aggregate_id.clone());
+        if let Some(&prev) = last_seq.get(&key) {
+            if event.seq < prev {
+                violations.push(format!(
+                    "key {}/{}: seq {} published after seq {}",
+                    key.0, key.1, event.seq, prev
+                ));
+            }
+        }
+        last_seq.insert(key, event.seq);
+    }
+    violations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_database_of_a_url() {
+        assert_eq!(
+            url_with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "t1"),
+            "postgres://u:p@h:5432/t1?sslmode=disable"
+        );
+        assert_eq!(url_with_database("postgres://h", "t1"), "postgres://h/t1");
+    }
+}

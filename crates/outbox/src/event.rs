@@ -1,0 +1,343 @@
+//! The two shapes of an event: [`NewEvent`], what a producer enqueues, and [`OutboxEvent`], what the
+//! relay claims from the table and hands to a [`Publisher`](crate::Publisher).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+/// Event headers: string keys to string values (trace context, correlation ids, content hints).
+///
+/// Values are strings on purpose: every broker maps them to string attributes, and a producer writing
+/// SQL gets the same rule enforced by a `CHECK` constraint.
+pub type Headers = BTreeMap<String, String>;
+
+/// Limits a producer's event must respect. The defaults are generous; brokers with tighter limits
+/// (SQS, EventBridge: 256 KiB) either offload large payloads or dead-letter them with a reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventLimits {
+    /// Largest serialized payload accepted at enqueue, in bytes.
+    pub max_payload_bytes: usize,
+    /// Largest length of `aggregate_type`, `aggregate_id`, `event_type`, a header name or value.
+    pub max_field_bytes: usize,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 4 * 1024 * 1024,
+            max_field_bytes: 1024,
+        }
+    }
+}
+
+/// Why an event was refused at enqueue. Nothing was written when this is returned.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EventError {
+    #[error("event field `{field}` is empty: give every event an aggregate type, an aggregate id and an event type")]
+    EmptyField { field: &'static str },
+    #[error("event field `{field}` is {len} bytes, over the limit of {limit}: shorten it")]
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    #[error(
+        "event payload must be a JSON object, got {found}: wrap the value, e.g. {{\"value\": ...}}"
+    )]
+    PayloadNotObject { found: &'static str },
+    #[error("event payload is {len} bytes, over the limit of {limit} (events.max_payload_bytes): store large data elsewhere and reference it")]
+    PayloadTooLarge { len: usize, limit: usize },
+    #[error("event payload could not be serialized to JSON: {0}")]
+    Serialize(String),
+    #[error("header name is empty: give every header a name")]
+    EmptyHeaderName,
+}
+
+/// An event a producer enqueues in its own transaction.
+///
+/// ```
+/// use outbox::NewEvent;
+/// let event = NewEvent::new("order", "o-42", "OrderPlaced")
+///     .payload(&serde_json::json!({"total_cents": 1250}))
+///     .unwrap()
+///     .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+/// assert_eq!(event.event_type(), "OrderPlaced");
+/// ```
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub(crate) id: Uuid,
+    pub(crate) aggregate_type: String,
+    pub(crate) aggregate_id: String,
+    pub(crate) event_type: String,
+    pub(crate) payload: Box<RawValue>,
+    pub(crate) headers: Headers,
+    pub(crate) destination: Option<String>,
+}
+
+impl NewEvent {
+    /// An event with an empty object payload and a fresh time-ordered (v7) id.
+    pub fn new(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+    ) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            payload: empty_object(),
+            headers: Headers::new(),
+            destination: None,
+        }
+    }
+
+    /// Sets the payload from any serde value; it must serialize to a JSON object.
+    pub fn payload<T: Serialize + ?Sized>(mut self, payload: &T) -> Result<Self, EventError> {
+        let json =
+            serde_json::to_string(payload).map_err(|e| EventError::Serialize(e.to_string()))?;
+        self.payload =
+            RawValue::from_string(json).map_err(|e| EventError::Serialize(e.to_string()))?;
+        Ok(self)
+    }
+
+    /// Sets an already serialized JSON payload (it is validated at enqueue).
+    pub fn raw_payload(mut self, payload: Box<RawValue>) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    /// Adds a header; a later value for the same name replaces the earlier one.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Names the destination explicitly, bypassing the relay's routing rules.
+    pub fn destination(mut self, destination: impl Into<String>) -> Self {
+        self.destination = Some(destination.into());
+        self
+    }
+
+    /// Overrides the generated id, e.g. to derive it from a request id so retries of the producer's
+    /// own request do not enqueue twice (the table rejects a duplicate id).
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = id;
+        self
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+    pub fn aggregate_type(&self) -> &str {
+        &self.aggregate_type
+    }
+    pub fn aggregate_id(&self) -> &str {
+        &self.aggregate_id
+    }
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    pub fn payload_json(&self) -> &str {
+        self.payload.get()
+    }
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// Checks the event against the limits and the table contract, so that a bad event fails in the
+    /// producer's code path with a clear message rather than as a database constraint error.
+    pub fn validate(&self, limits: &EventLimits) -> Result<(), EventError> {
+        for (field, value) in [
+            ("aggregate_type", &self.aggregate_type),
+            ("aggregate_id", &self.aggregate_id),
+            ("event_type", &self.event_type),
+        ] {
+            check_field(field, value, limits)?;
+        }
+        if let Some(destination) = &self.destination {
+            check_field("destination", destination, limits)?;
+        }
+        for (name, value) in &self.headers {
+            if name.is_empty() {
+                return Err(EventError::EmptyHeaderName);
+            }
+            check_field("header name", name, limits)?;
+            check_field_len("header value", value, limits)?;
+        }
+        let payload = self.payload.get();
+        if payload.len() > limits.max_payload_bytes {
+            return Err(EventError::PayloadTooLarge {
+                len: payload.len(),
+                limit: limits.max_payload_bytes,
+            });
+        }
+        let first = payload.trim_start().as_bytes().first().copied();
+        if first != Some(b'{') {
+            return Err(EventError::PayloadNotObject {
+                found: json_kind(first),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_field(field: &'static str, value: &str, limits: &EventLimits) -> Result<(), EventError> {
+    if value.is_empty() {
+        return Err(EventError::EmptyField { field });
+    }
+    check_field_len(field, value, limits)
+}
+
+fn check_field_len(
+    field: &'static str,
+    value: &str,
+    limits: &EventLimits,
+) -> Result<(), EventError> {
+    if value.len() > limits.max_field_bytes {
+        return Err(EventError::FieldTooLong {
+            field,
+            len: value.len(),
+            limit: limits.max_field_bytes,
+        });
+    }
+    Ok(())
+}
+
+fn json_kind(first: Option<u8>) -> &'static str {
+    match first {
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        Some(_) => "a number",
+        None => "nothing",
+    }
+}
+
+pub(crate) fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).expect("`{}` is valid JSON")
+}
+
+/// An event claimed from the outbox, as a [`Publisher`](crate::Publisher) receives it.
+///
+/// Serialized (e.g. by the `stdout` and `file` publishers) it is the documented JSON envelope:
+/// `id`, `seq`, `aggregate_type`, `aggregate_id`, `event_type`, `payload`, `headers`, `created_at`,
+/// plus `destination` when the producer named one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    /// Stable identity: the same on every delivery attempt, so consumers deduplicate on it.
+    pub id: Uuid,
+    /// Position in the outbox; orders the events of one key.
+    pub seq: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: Box<RawValue>,
+    #[serde(default)]
+    pub headers: Headers,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// Failed delivery attempts before this one.
+    #[serde(default, skip_serializing)]
+    pub attempts: i32,
+}
+
+impl OutboxEvent {
+    /// The ordering key: events with equal keys are published in `seq` order.
+    pub fn ordering_key(&self) -> OrderingKey<'_> {
+        OrderingKey {
+            aggregate_type: &self.aggregate_type,
+            aggregate_id: &self.aggregate_id,
+        }
+    }
+}
+
+/// `(aggregate_type, aggregate_id)`: the unit of ordering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OrderingKey<'a> {
+    pub aggregate_type: &'a str,
+    pub aggregate_id: &'a str,
+}
+
+impl std::fmt::Display for OrderingKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.aggregate_type, self.aggregate_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_non_object_payloads_with_the_kind_found() {
+        let limits = EventLimits::default();
+        let event = NewEvent::new("order", "1", "Placed")
+            .payload(&[1, 2])
+            .unwrap();
+        assert_eq!(
+            event.validate(&limits),
+            Err(EventError::PayloadNotObject { found: "an array" })
+        );
+        let event = NewEvent::new("order", "1", "Placed").payload(&"x").unwrap();
+        assert_eq!(
+            event.validate(&limits),
+            Err(EventError::PayloadNotObject { found: "a string" })
+        );
+    }
+
+    #[test]
+    fn rejects_empty_and_long_fields() {
+        let limits = EventLimits {
+            max_field_bytes: 4,
+            ..EventLimits::default()
+        };
+        assert_eq!(
+            NewEvent::new("", "1", "Placed").validate(&limits),
+            Err(EventError::EmptyField {
+                field: "aggregate_type"
+            })
+        );
+        assert!(matches!(
+            NewEvent::new("order", "1", "P").validate(&limits),
+            Err(EventError::FieldTooLong {
+                field: "aggregate_type",
+                ..
+            })
+        ));
+        assert_eq!(
+            NewEvent::new("o", "1", "P")
+                .header("", "v")
+                .validate(&limits),
+            Err(EventError::EmptyHeaderName)
+        );
+    }
+
+    #[test]
+    fn rejects_oversized_payloads_naming_the_limit() {
+        let limits = EventLimits {
+            max_payload_bytes: 16,
+            ..EventLimits::default()
+        };
+        let event = NewEvent::new("o", "1", "P")
+            .payload(&serde_json::json!({"data": "0123456789abcdef"}))
+            .unwrap();
+        let err = event.validate(&limits).unwrap_err();
+        assert!(matches!(err, EventError::PayloadTooLarge { limit: 16, .. }));
+        assert!(err.to_string().contains("max_payload_bytes"));
+    }
+
+    #[test]
+    fn new_ids_are_time_ordered() {
+        let a = NewEvent::new("o", "1", "P").id();
+        let b = NewEvent::new("o", "1", "P").id();
+        assert_eq!(a.get_version_num(), 7);
+        assert!(a < b);
+    }
+}

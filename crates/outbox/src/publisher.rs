@@ -1,0 +1,418 @@
+//! The broker side of the relay: the [`Publisher`] contract and the built-in publishers
+//! (`stdout`, `file:PATH`, in-memory).
+//!
+//! # The contract
+//! [`Publisher::publish`] receives a batch sorted by `seq` and returns exactly one
+//! [`PublishResult`] per event, in the same order. A publisher must:
+//! - send the events of one ordering key in the order given;
+//! - after an event of a key fails, not send the later events of that key in the same batch, and
+//!   return [`PublishError::retryable`] for them ([`skipped_after_failure`] builds that error);
+//!   events of other keys are unaffected;
+//! - classify every error: [`PublishError::Retryable`] when trying again later can succeed (broker
+//!   down, throttled, timeout), [`PublishError::Permanent`] when it never will (malformed, too
+//!   large, no route). The relay dead-letters permanent errors at once.
+//!
+//! The relay bounds every call with its publish timeout; a publisher need not add its own.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::io::AsyncWriteExt;
+
+use crate::event::{OrderingKey, OutboxEvent};
+
+/// One event's delivery outcome.
+pub type PublishResult = Result<(), PublishError>;
+
+/// Why an event was not published, classified for the relay's retry decision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// Trying again later can succeed; the relay backs off and retries up to its attempt limit.
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// Trying again will not help; the relay dead-letters the event at once.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl PublishError {
+    pub fn retryable(reason: impl Into<String>) -> Self {
+        Self::Retryable(reason.into())
+    }
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self::Permanent(reason.into())
+    }
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable(_))
+    }
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Retryable(r) | Self::Permanent(r) => r,
+        }
+    }
+}
+
+/// The error a publisher returns for an event it did not send because an earlier event of the same
+/// key failed in this batch.
+pub fn skipped_after_failure(failed: &OutboxEvent) -> PublishError {
+    PublishError::retryable(format!(
+        "not sent: earlier event {} (seq {}) of the same key failed in this batch",
+        failed.id, failed.seq
+    ))
+}
+
+/// Sends events to a broker. See the [module documentation](self) for the contract.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes a batch sorted by `seq`; returns one result per event, in the same order.
+    async fn publish(&self, batch: &[OutboxEvent]) -> Vec<PublishResult>;
+
+    /// Checks at start-up that the destinations exist and are reachable, so a misconfiguration fails
+    /// before anything is claimed. The default accepts everything.
+    async fn check(&self) -> Result<(), PublishError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<P: Publisher + ?Sized> Publisher for Arc<P> {
+    async fn publish(&self, batch: &[OutboxEvent]) -> Vec<PublishResult> {
+        (**self).publish(batch).await
+    }
+    async fn check(&self) -> Result<(), PublishError> {
+        (**self).check().await
+    }
+}
+
+#[async_trait]
+impl<P: Publisher + ?Sized> Publisher for Box<P> {
+    async fn publish(&self, batch: &[OutboxEvent]) -> Vec<PublishResult> {
+        (**self).publish(batch).await
+    }
+    async fn check(&self) -> Result<(), PublishError> {
+        (**self).check().await
+    }
+}
+
+/// Publishes a batch one event at a time with `send`, honouring the contract: per-key order, and a
+/// failed event stops the rest of its key. For publishers without a native batch call.
+pub async fn publish_sequentially<F, Fut>(batch: &[OutboxEvent], mut send: F) -> Vec<PublishResult>
+where
+    F: FnMut(&OutboxEvent) -> Fut,
+    Fut: std::future::Future<Output = PublishResult>,
+{
+    let mut failed_keys: HashMap<OrderingKey<'_>, &OutboxEvent> = HashMap::new();
+    let mut results = Vec::with_capacity(batch.len());
+    for event in batch {
+        if let Some(failed) = failed_keys.get(&event.ordering_key()) {
+            results.push(Err(skipped_after_failure(failed)));
+            continue;
+        }
+        let result = send(event).await;
+        if result.is_err() {
+            failed_keys.insert(event.ordering_key(), event);
+        }
+        results.push(result);
+    }
+    results
+}
+
+/// Builds a built-in publisher (`stdout`, `file:PATH`, `null`). Returns `Ok(None)` for specs
+/// served by other crates (`aws`), so the caller can build those.
+pub async fn builtin(
+    spec: &crate::PublisherSpec,
+) -> Result<Option<Box<dyn Publisher>>, PublishError> {
+    Ok(match spec {
+        crate::PublisherSpec::Stdout => Some(Box::new(StdoutPublisher::new())),
+        crate::PublisherSpec::File(path) => Some(Box::new(FilePublisher::open(path).await?)),
+        crate::PublisherSpec::Null => Some(Box::new(MemoryPublisher::counting())),
+        crate::PublisherSpec::Aws => None,
+    })
+}
+
+/// Renders the documented JSON envelope of an event, one line, no trailing newline.
+pub fn envelope_json(event: &OutboxEvent) -> String {
+    serde_json::to_string(event).expect("an OutboxEvent always serializes")
+}
+
+/// Writes each event as one JSON line to standard output (logs go to standard error).
+#[derive(Debug, Default)]
+pub struct StdoutPublisher {
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl StdoutPublisher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Publisher for StdoutPublisher {
+    async fn publish(&self, batch: &[OutboxEvent]) -> Vec<PublishResult> {
+        let buf = lines(batch);
+        // One write per batch keeps the lines of concurrent workers whole and in publish order.
+        let _guard = self.lock.lock().await;
+        let mut out = tokio::io::stdout();
+        let written = async {
+            out.write_all(&buf).await?;
+            out.flush().await
+        }
+        .await;
+        uniform(batch.len(), written.map_err(|e| io_error("stdout", e)))
+    }
+}
+
+/// Appends each event as one JSON line to a file (JSON Lines).
+///
+/// The file is opened with `O_APPEND` and each batch is written with a single `write`, so several
+/// relays (processes) may share one file: lines stay whole and the file's order is publish order.
+#[derive(Debug)]
+pub struct FilePublisher {
+    path: PathBuf,
+    file: tokio::sync::Mutex<tokio::fs::File>,
+}
+
+impl FilePublisher {
+    /// Opens (creating if needed) the file for appending.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, PublishError> {
+        let path = path.as_ref().to_path_buf();
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(|e| {
+                PublishError::permanent(format!(
+                    "cannot open publisher file {}: {e}; check the directory exists and is writable",
+                    path.display()
+                ))
+            })?;
+        Ok(Self {
+            path,
+            file: tokio::sync::Mutex::new(file),
+        })
+    }
+}
+
+#[async_trait]
+impl Publisher for FilePublisher {
+    async fn publish(&self, batch: &[OutboxEvent]) -> Vec<PublishResult> {
+        let buf = lines(batch);
+        let mut file = self.file.lock().await;
+        let written = async {
+            file.write_all(&buf).await?;
+            file.flush().await?;
+            file.sync_data().await
+        }
+        .await;
+        let what = self.path.display().to_string();
+        uniform(batch.len(), written.map_err(|e| io_error(&what, e)))
+    }
+}
+
+fn lines(batch: &[OutboxEvent]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(batch.len() * 256);
+    for event in batch {
+        serde_json::to_writer(&mut buf, event).expect("an OutboxEvent always serializes");
+        buf.push(b'\n');
+    }
+    buf
+}
+
+fn uniform(n: usize, result: PublishResult) -> Vec<PublishResult> {
+    vec![result; n]
+}
+
+fn io_error(what: &str, e: std::io::Error) -> PublishError {
+    PublishError::retryable(format!("writing to {what} failed: {e}"))
+}
+
+/// A scripted failure for [`MemoryPublisher`]: how the next sends of an event fail.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Fail the next `n` attempts of the event with a retryable error.
+    Retryable(u32),
+    /// Fail every attempt with a permanent error.
+    Permanent,
+}
+
+/// Keeps published events in memory, with scripted faults and an optional delay: for tests and
+/// benchmarks of the engine. Never the only proof of a feature: see the tests against real brokers.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryPublisher {
+    inner: Arc<Mutex<MemoryState>>,
+    delay: Option<std::time::Duration>,
+    count_only: bool,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    published: Vec<OutboxEvent>,
+    count: u64,
+    faults: HashMap<uuid::Uuid, Fault>,
+    fault_by_type: HashMap<String, Fault>,
+}
+
+impl MemoryPublisher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts events without keeping them: a null publisher for benchmarks.
+    pub fn counting() -> Self {
+        Self {
+            count_only: true,
+            ..Self::default()
+        }
+    }
+
+    /// Sleeps this long in every `publish` call, to simulate a slow or hung broker.
+    pub fn with_delay(mut self, delay: std::time::Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    pub fn fail(&self, id: uuid::Uuid, fault: Fault) {
+        self.state().faults.insert(id, fault);
+    }
+
+    pub fn fail_event_type(&self, event_type: &str, fault: Fault) {
+        self.state()
+            .fault_by_type
+            .insert(event_type.to_owned(), fault);
+    }
+
+    /// Everything published so far, in publish order (duplicates included).
+    pub fn published(&self) -> Vec<OutboxEvent> {
+        self.state().published.clone()
+    }
+
+    pub fn count(&self) -> u64 {
+        self.state().count
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        // A panic while holding this lock only happens in a failing test; keep going with its data.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send_one(&self, event: &OutboxEvent) -> PublishResult {
+        let mut state = self.state();
+        let fault = match state.faults.get_mut(&event.id) {
+            Some(f) => Some(f),
+            None => state.fault_by_type.get_mut(&event.event_type),
+        };
+        match fault {
+            Some(Fault::Permanent) => {
+                return Err(PublishError::permanent(format!(
+                    "scripted permanent failure of {}",
+                    event.id
+                )))
+            }
+            Some(Fault::Retryable(n)) if *n > 0 => {
+                *n -= 1;
+                return Err(PublishError::retryable(format!(
+                    "scripted retryable failure of {}",
+                    event.id
+                )));
+            }
+            _ => {}
+        }
+        state.count += 1;
+        if !self.count_only {
+            state.published.push(event.clone());
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryPublisher {
+    async fn publish(&self, batch: &[OutboxEvent]) -> Vec<PublishResult> {
+        if let Some(delay) = self.delay {
+            tokio::time::sleep(delay).await;
+        }
+        publish_sequentially(batch, |event| std::future::ready(self.send_one(event))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::empty_object;
+
+    fn event(seq: i64, key: &str) -> OutboxEvent {
+        OutboxEvent {
+            id: uuid::Uuid::now_v7(),
+            seq,
+            aggregate_type: "t".into(),
+            aggregate_id: key.into(),
+            event_type: "E".into(),
+            payload: empty_object(),
+            headers: Default::default(),
+            destination: None,
+            created_at: chrono::Utc::now(),
+            attempts: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_stops_only_its_own_key() {
+        let batch = vec![event(1, "a"), event(2, "b"), event(3, "a"), event(4, "b")];
+        let publisher = MemoryPublisher::new();
+        publisher.fail(batch[0].id, Fault::Retryable(1));
+        let results = publisher.publish(&batch).await;
+        assert!(results[0].as_ref().unwrap_err().is_retryable());
+        assert!(results[1].is_ok());
+        assert!(results[2]
+            .as_ref()
+            .unwrap_err()
+            .reason()
+            .contains("earlier event"));
+        assert!(results[3].is_ok());
+        let seqs: Vec<i64> = publisher.published().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![2, 4]);
+    }
+
+    #[tokio::test]
+    async fn file_publisher_appends_whole_json_lines() {
+        let dir = std::env::temp_dir().join(format!("outbox-file-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let publisher = FilePublisher::open(&path).await.unwrap();
+        let batch = vec![event(1, "a"), event(2, "a")];
+        assert!(publisher.publish(&batch).await.iter().all(|r| r.is_ok()));
+        let again = FilePublisher::open(&path).await.unwrap();
+        assert!(again.publish(&batch[..1]).await[0].is_ok());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[1]["seq"], 2);
+        for key in [
+            "id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "payload",
+            "headers",
+        ] {
+            assert!(lines[0].get(key).is_some(), "missing {key}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn file_publisher_reports_an_unwritable_path_with_the_fix() {
+        let err = FilePublisher::open("/nonexistent-dir/x/events.jsonl")
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(err.reason().contains("directory exists"));
+    }
+}

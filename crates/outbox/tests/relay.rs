@@ -1,0 +1,561 @@
+//! The relay engine against a real PostgreSQL: delivery, retries, dead letters, per-key order under
+//! concurrent relays, bounded claims and fencing, wake-up, retention, shutdown.
+//!
+//! The in-memory publisher here stands for the broker so that the engine's guarantees can be
+//! checked event by event; the broker publishers have their own end-to-end tests.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use outbox::publisher::Fault;
+use outbox::store::{Claim, Store, StoreError};
+use outbox::{
+    Backoff, DeadLetterPolicy, MemoryPublisher, NewEvent, Outbox, PgStore, PgStoreOptions,
+    Publisher, Relay, RelayOptions, Schema,
+};
+use outbox_testkit::{order_violations, TestDb};
+use sqlx::Row;
+
+fn fast_options() -> RelayOptions {
+    RelayOptions {
+        batch_size: 50,
+        workers: 1,
+        poll_interval: Duration::from_millis(50),
+        publish_timeout: Duration::from_secs(5),
+        max_attempts: 5,
+        backoff: Backoff {
+            base: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+        },
+        purge_interval: Duration::from_millis(100),
+    }
+}
+
+async fn store(db: &TestDb, options: PgStoreOptions) -> PgStore {
+    PgStore::new(db.pool.clone(), options).await.unwrap()
+}
+
+/// Enqueues `per_key` events for each of `keys` keys, interleaved, in transactions of `tx_size`.
+async fn enqueue_interleaved(db: &TestDb, keys: usize, per_key: usize) -> Vec<uuid::Uuid> {
+    let outbox = Outbox::new(Schema::default());
+    let mut ids = Vec::new();
+    let mut tx = db.pool.begin().await.unwrap();
+    for i in 0..per_key {
+        let batch: Vec<NewEvent> = (0..keys)
+            .map(|k| {
+                NewEvent::new("order", format!("k{k}"), format!("E{i}"))
+                    .payload(&serde_json::json!({ "n": i }))
+                    .unwrap()
+            })
+            .collect();
+        ids.extend(outbox.enqueue_all(&mut tx, batch).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    ids
+}
+
+async fn remaining(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status <> 'published'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    timeout: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn publishes_every_event_once_in_key_order_and_deletes_it() {
+    let db = TestDb::new().await.unwrap();
+    let ids = enqueue_interleaved(&db, 7, 20).await;
+    let publisher = MemoryPublisher::new();
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        fast_options(),
+    );
+    let report = relay.drain().await.unwrap();
+    assert_eq!(report.published, 140);
+    let published = publisher.published();
+    assert_eq!(published.len(), ids.len());
+    let got: HashSet<_> = published.iter().map(|e| e.id).collect();
+    assert_eq!(got, ids.into_iter().collect());
+    assert!(order_violations(&published).is_empty());
+    assert_eq!(remaining(&db).await, 0);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "retention 0 deletes published events");
+    // Nothing is sent twice: a second drain finds nothing.
+    assert_eq!(relay.drain().await.unwrap().published, 0);
+    assert_eq!(publisher.published().len(), 140);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn retryable_failures_back_off_then_succeed_holding_only_their_key() {
+    let db = TestDb::new().await.unwrap();
+    let ids = enqueue_interleaved(&db, 3, 4).await; // keys k0,k1,k2; ids[0] is k0's first
+    let publisher = MemoryPublisher::new();
+    publisher.fail(ids[0], Fault::Retryable(2));
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        fast_options(),
+    );
+    // First pass: k1 and k2 flow completely; k0 is held behind its failed head.
+    relay.drain().await.unwrap();
+    let first: Vec<String> = publisher
+        .published()
+        .iter()
+        .map(|e| e.aggregate_id.clone())
+        .collect();
+    assert_eq!(first.iter().filter(|k| *k == "k0").count(), 0);
+    assert_eq!(first.len(), 8);
+    let row = sqlx::query("SELECT attempts, last_error, available_at > now() AS later FROM outbox_event WHERE id = $1")
+        .bind(ids[0])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(row.get::<i32, _>("attempts"), 1);
+    assert!(row
+        .get::<Option<String>, _>("last_error")
+        .unwrap()
+        .contains("scripted"));
+    assert!(
+        row.get::<bool, _>("later"),
+        "a failed event waits for its backoff"
+    );
+    let untouched: i32 = sqlx::query_scalar(
+        "SELECT max(attempts) FROM outbox_event WHERE aggregate_id = 'k0' AND id <> $1",
+    )
+    .bind(ids[0])
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        untouched, 0,
+        "later events of the key are not charged an attempt"
+    );
+
+    // Keep relaying: after the backoff the head succeeds and the key follows in order.
+    let handle = relay.spawn();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            remaining(&db).await == 0
+        })
+        .await
+    );
+    handle.stop().await.unwrap();
+    let published = publisher.published();
+    assert_eq!(published.len(), 12);
+    assert!(order_violations(&published).is_empty());
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn exhausted_and_permanent_failures_dead_letter_with_the_reason() {
+    let db = TestDb::new().await.unwrap();
+    let outbox = Outbox::new(Schema::default());
+    let mut conn = db.pool.acquire().await.unwrap();
+    let poison = outbox
+        .enqueue(&mut conn, NewEvent::new("a", "1", "Poison"))
+        .await
+        .unwrap();
+    let flaky = outbox
+        .enqueue(&mut conn, NewEvent::new("b", "1", "Flaky"))
+        .await
+        .unwrap();
+    let after_poison = outbox
+        .enqueue(&mut conn, NewEvent::new("a", "1", "AfterPoison"))
+        .await
+        .unwrap();
+    drop(conn);
+    let publisher = MemoryPublisher::new();
+    publisher.fail(poison, Fault::Permanent);
+    publisher.fail(flaky, Fault::Retryable(100));
+    let mut options = fast_options();
+    options.max_attempts = 3;
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        options,
+    );
+    let handle = relay.spawn();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let dead: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = 'dead'")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            dead == 2 && remaining(&db).await == 2
+        })
+        .await,
+        "both bad events should end dead, the rest published"
+    );
+    handle.stop().await.unwrap();
+    let rows =
+        sqlx::query("SELECT id, attempts, last_error FROM outbox_event WHERE status = 'dead'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let dead: HashMap<uuid::Uuid, (i32, String)> = rows
+        .iter()
+        .map(|r| (r.get("id"), (r.get("attempts"), r.get("last_error"))))
+        .collect();
+    assert_eq!(dead[&poison].0, 1, "a permanent error dead-letters at once");
+    assert!(dead[&poison].1.starts_with("permanent failure"));
+    assert_eq!(dead[&flaky].0, 3);
+    assert!(
+        dead[&flaky].1.contains("gave up after 3 attempts"),
+        "{}",
+        dead[&flaky].1
+    );
+    // Default policy: the key of a dead event keeps flowing.
+    assert!(publisher.published().iter().any(|e| e.id == after_poison));
+
+    // An operator replays the dead events; now they go through.
+    publisher.fail(poison, Fault::Retryable(0));
+    publisher.fail(flaky, Fault::Retryable(0));
+    let schema = Schema::default();
+    assert_eq!(
+        outbox::postgres::replay_dead(&db.pool, &schema, None)
+            .await
+            .unwrap(),
+        2
+    );
+    relay.drain().await.unwrap();
+    assert_eq!(remaining(&db).await, 0);
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn block_key_policy_holds_a_dead_events_key_until_replayed() {
+    let db = TestDb::new().await.unwrap();
+    let outbox = Outbox::new(Schema::default());
+    let mut conn = db.pool.acquire().await.unwrap();
+    let poison = outbox
+        .enqueue(&mut conn, NewEvent::new("a", "1", "Poison"))
+        .await
+        .unwrap();
+    let held = outbox
+        .enqueue(&mut conn, NewEvent::new("a", "1", "Held"))
+        .await
+        .unwrap();
+    let other = outbox
+        .enqueue(&mut conn, NewEvent::new("a", "2", "Other"))
+        .await
+        .unwrap();
+    drop(conn);
+    let publisher = MemoryPublisher::new();
+    publisher.fail(poison, Fault::Permanent);
+    let options = PgStoreOptions {
+        dead_letter: DeadLetterPolicy::BlockKey,
+        ..PgStoreOptions::default()
+    };
+    let relay = Relay::new(store(&db, options).await, publisher.clone(), fast_options());
+    relay.drain().await.unwrap();
+    relay.drain().await.unwrap();
+    let sent: Vec<uuid::Uuid> = publisher.published().iter().map(|e| e.id).collect();
+    assert_eq!(sent, vec![other], "the held key must wait; other keys flow");
+
+    publisher.fail(poison, Fault::Retryable(0));
+    outbox::postgres::replay_dead(&db.pool, &Schema::default(), Some(&[poison]))
+        .await
+        .unwrap();
+    relay.drain().await.unwrap();
+    let sent: Vec<uuid::Uuid> = publisher.published().iter().map(|e| e.id).collect();
+    assert_eq!(sent, vec![other, poison, held]);
+    db.drop_db().await.unwrap();
+}
+
+/// Four relays (each its own store and pool, like four processes) race over thousands of events
+/// on hundreds of keys while producers keep committing and some publishes fail: every event is
+/// published, in order per key, and exactly once (no crash, so no duplicates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_racing_relays_keep_per_key_order_and_publish_exactly_once() {
+    let db = TestDb::new().await.unwrap();
+    let publisher = MemoryPublisher::new();
+    let mut ids = enqueue_interleaved(&db, 200, 10).await;
+    // Some events fail a few times: their keys must wait while the rest flows.
+    for id in ids.iter().step_by(37) {
+        publisher.fail(*id, Fault::Retryable(2));
+    }
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&db.url)
+            .await
+            .unwrap();
+        let store = PgStore::new(pool, PgStoreOptions::default()).await.unwrap();
+        let mut options = fast_options();
+        options.workers = 2;
+        options.batch_size = 25;
+        options.max_attempts = 100;
+        handles.push(Relay::new(store, publisher.clone(), options).spawn());
+    }
+    // Producers keep committing while the relays run.
+    let outbox = Outbox::new(Schema::default());
+    for round in 0..20 {
+        let mut tx = db.pool.begin().await.unwrap();
+        let batch: Vec<NewEvent> = (0..50)
+            .map(|k| NewEvent::new("order", format!("k{}", (k * 7 + round) % 200), "Later"))
+            .collect();
+        ids.extend(outbox.enqueue_all(&mut tx, batch).await.unwrap());
+        tx.commit().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            remaining(&db).await == 0
+        })
+        .await,
+        "backlog did not drain"
+    );
+    for h in handles {
+        h.stop().await.unwrap();
+    }
+    let published = publisher.published();
+    let violations = order_violations(&published);
+    assert!(violations.is_empty(), "order violations: {violations:?}");
+    let mut seen = HashSet::new();
+    let duplicates = published.iter().filter(|e| !seen.insert(e.id)).count();
+    assert_eq!(duplicates, 0, "steady state must not duplicate");
+    assert_eq!(seen, ids.into_iter().collect::<HashSet<_>>(), "lost events");
+    assert_eq!(published.len(), 3000);
+    db.drop_db().await.unwrap();
+}
+
+/// Transactions that commit out of seq order, and one that stays open while later ones are
+/// published: nothing is skipped (the relay does not track an offset).
+#[tokio::test]
+async fn late_commits_and_long_transactions_are_not_skipped() {
+    let db = TestDb::new().await.unwrap();
+    let outbox = Outbox::new(Schema::default());
+    let mut long_tx = db.pool.begin().await.unwrap();
+    let early = outbox
+        .enqueue(&mut long_tx, NewEvent::new("a", "slow", "Early"))
+        .await
+        .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    for i in 0..20 {
+        outbox
+            .enqueue(&mut conn, NewEvent::new("a", format!("fast{i}"), "Later"))
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    let publisher = MemoryPublisher::new();
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        fast_options(),
+    );
+    assert_eq!(relay.drain().await.unwrap().published, 20);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    long_tx.commit().await.unwrap();
+    assert_eq!(relay.drain().await.unwrap().published, 1);
+    assert_eq!(publisher.published().last().unwrap().id, early);
+    db.drop_db().await.unwrap();
+}
+
+/// A claim is bounded: a relay that holds events past the transaction bound loses them (the server
+/// ends its session), another relay takes them, and the stale relay's settle changes nothing.
+#[tokio::test]
+async fn a_hung_claim_is_ended_by_the_bound_and_fenced() {
+    let db = TestDb::new().await.unwrap();
+    enqueue_interleaved(&db, 2, 3).await;
+    let bounded = PgStoreOptions {
+        transaction_timeout: Duration::from_millis(300),
+        statement_timeout: Duration::from_millis(200),
+        notify: false,
+        ..PgStoreOptions::default()
+    };
+    let stalled_store = store(&db, bounded.clone()).await;
+    let stalled = stalled_store.claim(10).await.unwrap();
+    assert_eq!(stalled.events().len(), 6);
+
+    // While the claim is held, another relay gets nothing (no later event of a held key).
+    let other_store = store(&db, bounded).await;
+    let nothing = other_store.claim(10).await.unwrap();
+    assert_eq!(nothing.events().len(), 0);
+    nothing.release().await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let taken = other_store.claim(10).await.unwrap();
+    assert_eq!(
+        taken.events().len(),
+        6,
+        "events of a hung relay become claimable"
+    );
+    let outcomes = vec![outbox::Outcome::Published; 6];
+    let report = taken.settle(&outcomes).await.unwrap();
+    assert_eq!(report.published, 6);
+
+    let stale = stalled.settle(&outcomes).await;
+    assert!(matches!(stale, Err(StoreError::ClaimLost)), "{stale:?}");
+    assert_eq!(remaining(&db).await, 0);
+    db.drop_db().await.unwrap();
+}
+
+/// A broker that hangs is cut off by the publish timeout: the batch is retried, not stuck.
+#[tokio::test]
+async fn a_hanging_publisher_is_bounded_by_the_publish_timeout() {
+    let db = TestDb::new().await.unwrap();
+    enqueue_interleaved(&db, 1, 2).await;
+    let hanging = MemoryPublisher::new().with_delay(Duration::from_secs(30));
+    let mut options = fast_options();
+    options.publish_timeout = Duration::from_millis(200);
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        hanging,
+        options,
+    );
+    let started = Instant::now();
+    let report = relay.run_once().await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(report.retried, 1, "the key's head is charged the attempt");
+    let error: String =
+        sqlx::query_scalar("SELECT last_error FROM outbox_event WHERE attempts = 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(error.contains("relay.publish_timeout"), "{error}");
+    db.drop_db().await.unwrap();
+}
+
+/// A publisher that panics does not kill the relay; the event is retried and eventually dead.
+#[tokio::test]
+async fn a_panicking_publisher_fails_the_batch_not_the_relay() {
+    struct Panics;
+    #[async_trait::async_trait]
+    impl Publisher for Panics {
+        async fn publish(&self, _: &[outbox::OutboxEvent]) -> Vec<outbox::PublishResult> {
+            panic!("bug in a publisher")
+        }
+    }
+    let db = TestDb::new().await.unwrap();
+    enqueue_interleaved(&db, 1, 1).await;
+    let mut options = fast_options();
+    options.max_attempts = 1;
+    let relay = Relay::new(store(&db, PgStoreOptions::default()).await, Panics, options);
+    let report = relay.run_once().await.unwrap();
+    assert_eq!(report.dead, 1);
+    let error: String = sqlx::query_scalar("SELECT last_error FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(error.contains("bug in a publisher"), "{error}");
+    db.drop_db().await.unwrap();
+}
+
+/// With NOTIFY, a waiting relay publishes within milliseconds of a commit although its poll
+/// interval is long; with notifications off it waits for the poll.
+#[tokio::test]
+async fn wakes_on_commit_instead_of_waiting_for_the_poll_interval() {
+    let db = TestDb::new().await.unwrap();
+    let publisher = MemoryPublisher::new();
+    let mut options = fast_options();
+    options.poll_interval = Duration::from_secs(30);
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        options,
+    );
+    let handle = relay.spawn();
+    tokio::time::sleep(Duration::from_millis(300)).await; // let it go idle and ask for NOTIFY
+    let outbox = Outbox::new(Schema::default());
+    let mut conn = db.pool.acquire().await.unwrap();
+    outbox
+        .enqueue(&mut conn, NewEvent::new("a", "1", "Wake"))
+        .await
+        .unwrap();
+    let woke = wait_until(Duration::from_secs(5), || async { publisher.count() == 1 }).await;
+    handle.stop().await.unwrap();
+    assert!(woke, "the relay did not wake on NOTIFY");
+
+    // A busy relay stops asking: producers then skip pg_notify entirely.
+    let wanted: bool = sqlx::query_scalar("SELECT wanted_until > now() FROM outbox_relay_wakeup")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(wanted, "an idle relay keeps its wake-up request fresh");
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_keeps_published_events_then_purges_them_in_batches() {
+    let db = TestDb::new().await.unwrap();
+    enqueue_interleaved(&db, 5, 5).await;
+    let options = PgStoreOptions {
+        retention: Duration::from_millis(300),
+        purge_batch: 7,
+        ..PgStoreOptions::default()
+    };
+    let relay = Relay::new(
+        store(&db, options).await,
+        MemoryPublisher::new(),
+        fast_options(),
+    );
+    relay.drain().await.unwrap();
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_event WHERE status = 'published' AND published_at IS NOT NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, 25, "published events are kept for the retention");
+    let status = outbox::postgres::status(&db.pool, &Schema::default())
+        .await
+        .unwrap();
+    assert_eq!((status.pending, status.published_retained), (0, 25));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(relay.store().purge_published().await.unwrap(), 25);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    db.drop_db().await.unwrap();
+}
+
+/// Stopping the embedded relay lets the in-flight batch finish (published and recorded) and claims
+/// nothing more.
+#[tokio::test]
+async fn stop_finishes_the_in_flight_batch_and_claims_nothing_more() {
+    let db = TestDb::new().await.unwrap();
+    enqueue_interleaved(&db, 10, 10).await;
+    let slow = MemoryPublisher::new().with_delay(Duration::from_millis(400));
+    let mut options = fast_options();
+    options.batch_size = 10;
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        slow.clone(),
+        options,
+    );
+    let handle = relay.spawn();
+    tokio::time::sleep(Duration::from_millis(100)).await; // the first batch is in flight
+    let stats = handle.stop().await.unwrap();
+    assert_eq!(stats.published, 10, "exactly the in-flight batch completes");
+    assert_eq!(slow.count(), 10);
+    assert_eq!(
+        remaining(&db).await,
+        90,
+        "published events are recorded, the rest stay"
+    );
+    db.drop_db().await.unwrap();
+}

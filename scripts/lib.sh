@@ -1,0 +1,80 @@
+# Shared set-up steps for the project's scripts: each is idempotent and installs or starts only
+# what is missing, so the same script works on a fresh Debian machine with Rust and on a warm one.
+# Source it: `source "$(dirname "$0")/lib.sh"`.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+# The server tests and the demo create their databases on (trust auth on loopback here).
+export OUTBOX_ADMIN_URL="${OUTBOX_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
+        die "need root to run: $* (run as root or install sudo)"
+    fi
+}
+
+apt_updated=0
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install $* by hand"
+    if [ "$apt_updated" -eq 0 ]; then
+        as_root apt-get update -qq >/dev/null || die "apt-get update failed"
+        apt_updated=1
+    fi
+    say "installing $*"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null || die "apt-get install $* failed"
+}
+
+require_rust() {
+    command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) and retry"
+}
+
+pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1; }
+
+# PostgreSQL on 127.0.0.1:5432: install it if missing, start the cluster if it is down.
+ensure_postgres() {
+    if ! command -v pg_isready >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+        apt_install postgresql postgresql-client
+    fi
+    if pg_ready; then return 0; fi
+    say "starting PostgreSQL"
+    if command -v pg_ctlcluster >/dev/null 2>&1; then
+        local version
+        version="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)"
+        [ -n "$version" ] || die "no PostgreSQL cluster found under /etc/postgresql: run pg_createcluster"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    fi
+    for _ in $(seq 1 30); do pg_ready && break; sleep 1; done
+    pg_ready || die "PostgreSQL does not answer on 127.0.0.1:5432; see /var/log/postgresql"
+    ensure_trust_auth
+}
+
+# The project connects as `postgres` over loopback without a password, as on the reference machine.
+ensure_trust_auth() {
+    if psql "$OUTBOX_ADMIN_URL" -Atqc 'select 1' >/dev/null 2>&1; then return 0; fi
+    local hba
+    hba="$(ls /etc/postgresql/*/main/pg_hba.conf 2>/dev/null | sort -V | tail -n 1)"
+    [ -n "$hba" ] || die "cannot connect as postgres on 127.0.0.1 and no pg_hba.conf found"
+    say "allowing trust auth for loopback in $hba (development machine)"
+    as_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$(basename "$(dirname "$(dirname "$hba")")")" main reload
+    psql "$OUTBOX_ADMIN_URL" -Atqc 'select 1' >/dev/null 2>&1 || die "still cannot connect to $OUTBOX_ADMIN_URL"
+}
+
+# A database by name on the local server, created if missing.
+ensure_database() {
+    local name="$1"
+    if [ "$(psql "$OUTBOX_ADMIN_URL" -Atqc "select 1 from pg_database where datname = '$name'")" != "1" ]; then
+        psql "$OUTBOX_ADMIN_URL" -qc "create database \"$name\"" >/dev/null
+    fi
+}
+
+# The AWS emulator (moto) on 127.0.0.1:4566, in a venv the script creates.
+ensure_emulator() {
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        apt_install python3-venv
+    fi
+    bash "$ROOT/scripts/aws-emulator.sh" start >/dev/null
+}
