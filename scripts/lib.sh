@@ -5,7 +5,7 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 # The server tests and the demo create their databases on (trust auth on loopback here).
-export OUTBOX_ADMIN_URL="${OUTBOX_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export ADMIN_DATABASE_URL="${ADMIN_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -53,21 +53,21 @@ ensure_postgres() {
 
 # The project connects as `postgres` over loopback without a password, as on the reference machine.
 ensure_trust_auth() {
-    if psql "$OUTBOX_ADMIN_URL" -Atqc 'select 1' >/dev/null 2>&1; then return 0; fi
+    if psql "$ADMIN_DATABASE_URL" -Atqc 'select 1' >/dev/null 2>&1; then return 0; fi
     local hba
     hba="$(ls /etc/postgresql/*/main/pg_hba.conf 2>/dev/null | sort -V | tail -n 1)"
     [ -n "$hba" ] || die "cannot connect as postgres on 127.0.0.1 and no pg_hba.conf found"
     say "allowing trust auth for loopback in $hba (development machine)"
     as_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
     as_root pg_ctlcluster --skip-systemctl-redirect "$(basename "$(dirname "$(dirname "$hba")")")" main reload
-    psql "$OUTBOX_ADMIN_URL" -Atqc 'select 1' >/dev/null 2>&1 || die "still cannot connect to $OUTBOX_ADMIN_URL"
+    psql "$ADMIN_DATABASE_URL" -Atqc 'select 1' >/dev/null 2>&1 || die "still cannot connect to $ADMIN_DATABASE_URL"
 }
 
 # A database by name on the local server, created if missing.
 ensure_database() {
     local name="$1"
-    if [ "$(psql "$OUTBOX_ADMIN_URL" -Atqc "select 1 from pg_database where datname = '$name'")" != "1" ]; then
-        psql "$OUTBOX_ADMIN_URL" -qc "create database \"$name\"" >/dev/null
+    if [ "$(psql "$ADMIN_DATABASE_URL" -Atqc "select 1 from pg_database where datname = '$name'")" != "1" ]; then
+        psql "$ADMIN_DATABASE_URL" -qc "create database \"$name\"" >/dev/null
     fi
 }
 

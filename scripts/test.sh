@@ -9,7 +9,7 @@ cd "$ROOT"
 require_rust
 ensure_postgres
 ensure_emulator
-export DATABASE_URL="$OUTBOX_ADMIN_URL"
+export DATABASE_URL="$ADMIN_DATABASE_URL"
 
 say "running the test suite"
 cargo test --workspace --all-targets "$@"

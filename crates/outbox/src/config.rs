@@ -3,7 +3,9 @@
 //!
 //! The profile comes from `OUTBOX_PROFILE` (default `local`). Environment overrides use the prefix
 //! `OUTBOX_` and `__` between levels: `OUTBOX_RELAY__BATCH_SIZE=500`; `DATABASE_URL` sets
-//! `database.url`. Everything is validated at start-up; an error names the key and the fix.
+//! `database.url`. `OUTBOX_PROFILE`, `OUTBOX_CONFIG`, `OUTBOX_LOG` and `OUTBOX_TEST_*`,
+//! `OUTBOX_BENCH_*`, `OUTBOX_FAULTS_*`, `OUTBOX_DEMO_*` are not keys; any other `OUTBOX_*` variable
+//! must name one. Everything is validated at start-up; an error names the key and the fix.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -358,7 +360,7 @@ impl Config {
                 )
                 .merge(
                     Env::prefixed("OUTBOX_")
-                        .ignore(&["PROFILE", "CONFIG"])
+                        .filter(|key| !is_reserved_env(key.as_str()))
                         .split("__")
                         .global(),
                 );
@@ -504,6 +506,17 @@ impl Config {
             notify_window: r.poll_interval.max(Duration::from_millis(200)) * 2,
         }
     }
+}
+
+/// `OUTBOX_*` variables that are not configuration keys: the selectors, the log filter, and the
+/// knobs of the project's tests and tools. Every other `OUTBOX_*` variable must name a key, so a
+/// mistyped override is an error rather than silently ignored.
+fn is_reserved_env(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    matches!(key.as_str(), "profile" | "config" | "log")
+        || ["test_", "bench_", "faults_", "demo_"]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
 }
 
 /// With `nested()`, every top-level table is a profile: reject anything that is not one, so a
