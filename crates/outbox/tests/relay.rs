@@ -110,10 +110,16 @@ async fn retryable_failures_back_off_then_succeed_holding_only_their_key() {
     let ids = enqueue_interleaved(&db, 3, 4).await; // keys k0,k1,k2; ids[0] is k0's first
     let publisher = MemoryPublisher::new();
     publisher.fail(ids[0], Fault::Retryable(2));
+    let mut options = fast_options();
+    // Long enough that the first drain ends before the head is due again.
+    options.backoff = Backoff {
+        base: Duration::from_millis(800),
+        max: Duration::from_secs(1),
+    };
     let relay = Relay::new(
         store(&db, PgStoreOptions::default()).await,
         publisher.clone(),
-        fast_options(),
+        options,
     );
     // First pass: k1 and k2 flow completely; k0 is held behind its failed head.
     relay.drain().await.unwrap();
@@ -488,12 +494,40 @@ async fn wakes_on_commit_instead_of_waiting_for_the_poll_interval() {
     handle.stop().await.unwrap();
     assert!(woke, "the relay did not wake on NOTIFY");
 
-    // A busy relay stops asking: producers then skip pg_notify entirely.
+    // The request for notifications is what producers' trigger reads.
     let wanted: bool = sqlx::query_scalar("SELECT wanted_until > now() FROM outbox_relay_wakeup")
         .fetch_one(&db.pool)
         .await
         .unwrap();
     assert!(wanted, "an idle relay keeps its wake-up request fresh");
+    db.drop_db().await.unwrap();
+}
+
+/// An event committed while the relay starts (before it asked for notifications) is still found
+/// at once: a relay whose request had lapsed looks once more before it waits.
+#[tokio::test]
+async fn an_event_committed_as_the_relay_starts_is_not_left_for_the_poll() {
+    let db = TestDb::new().await.unwrap();
+    let publisher = MemoryPublisher::new();
+    let mut options = fast_options();
+    options.poll_interval = Duration::from_secs(30);
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        options,
+    );
+    let outbox = Outbox::new(Schema::default());
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue(&mut tx, NewEvent::new("a", "1", "Racing"))
+        .await
+        .unwrap();
+    let handle = relay.spawn();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tx.commit().await.unwrap();
+    let published = wait_until(Duration::from_secs(5), || async { publisher.count() == 1 }).await;
+    handle.stop().await.unwrap();
+    assert!(published, "the event waited for the 30 s poll");
     db.drop_db().await.unwrap();
 }
 

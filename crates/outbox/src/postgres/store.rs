@@ -79,9 +79,15 @@ impl Statements {
     fn new(o: &PgStoreOptions) -> Self {
         let t = o.schema.qualify("outbox_event");
         let blocked = match o.dead_letter {
-            DeadLetterPolicy::Continue => "(b.status = 'pending' AND b.available_at > now())",
+            // Only rows that were tried can block a key (backoff and dead letters both count an
+            // attempt); `attempts > 0` lets this use the tiny outbox_event_retried_key index
+            // instead of a sequential scan per claim (measured: 205 ms -> 2 ms at 1M rows). A
+            // never-tried row due later still holds its key back through the final filter.
+            DeadLetterPolicy::Continue => {
+                "(b.attempts > 0 AND b.status = 'pending' AND b.available_at > now())"
+            }
             DeadLetterPolicy::BlockKey => {
-                "((b.status = 'pending' AND b.available_at > now()) OR b.status = 'dead')"
+                "(b.attempts > 0 AND ((b.status = 'pending' AND b.available_at > now()) OR b.status = 'dead'))"
             }
         };
         let undelivered = match o.dead_letter {
@@ -324,12 +330,17 @@ impl Store for PgStore {
         let mut wakeups = self.wakeups.clone();
         wakeups.borrow_and_update();
         if self.options.notify {
-            if let Err(e) = sqlx::query(&self.sql.want_notify)
+            match sqlx::query(&self.sql.want_notify)
                 .bind(self.options.notify_window)
                 .execute(&self.pool)
                 .await
             {
-                tracing::debug!(error = %e, "could not request wake-up notifications");
+                // The request had lapsed (the relay was busy): producers that committed since the
+                // last claim did not notify, so return and let the relay look once more before
+                // it really waits.
+                Ok(done) if done.rows_affected() > 0 => return,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "could not request wake-up notifications"),
             }
         }
         let _ = tokio::time::timeout(timeout, wakeups.changed()).await;

@@ -53,6 +53,10 @@ CREATE INDEX IF NOT EXISTS outbox_event_pending_seq
 -- Per-key order checks look up a key's undelivered (pending or dead) events before a given seq.
 CREATE INDEX IF NOT EXISTS outbox_event_undelivered_key
     ON {schema}.outbox_event (aggregate_type, aggregate_id, seq) WHERE status <> 'published';
+-- The claim skips keys blocked by a retried event (in backoff, or dead under block_key); only tried
+-- rows (attempts > 0) can block, so this index stays tiny and the check never scans the table.
+CREATE INDEX IF NOT EXISTS outbox_event_retried_key
+    ON {schema}.outbox_event (aggregate_type, aggregate_id, seq) WHERE status <> 'published' AND attempts > 0;
 -- Retention removes the oldest published events first.
 CREATE INDEX IF NOT EXISTS outbox_event_published_at
     ON {schema}.outbox_event (published_at) WHERE status = 'published';
@@ -74,10 +78,14 @@ BEGIN
 END
 $$;
 
+-- Deferred to commit, so the flag is read when the event becomes visible: a producer whose
+-- transaction was open while a relay went idle still wakes it. pg_notify folds the duplicate
+-- notifications of one transaction into one.
 DROP TRIGGER IF EXISTS outbox_event_wakeup ON {schema}.outbox_event;
-CREATE TRIGGER outbox_event_wakeup
+CREATE CONSTRAINT TRIGGER outbox_event_wakeup
     AFTER INSERT ON {schema}.outbox_event
-    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.outbox_event_wakeup();
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION {schema}.outbox_event_wakeup();
 
 -- Optional (migrate option strict_key_order): serialize enqueues per ordering key and draw seq only
 -- after the key's lock is held, so seq order equals commit order within a key even when producers
