@@ -13,3 +13,4 @@ export DATABASE_URL="$ADMIN_DATABASE_URL"
 
 say "running the test suite"
 cargo test --workspace --all-targets "$@"
+cargo test --workspace --doc

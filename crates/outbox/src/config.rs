@@ -448,10 +448,16 @@ impl Config {
                 "use a duration such as \"60s\"",
             );
         }
-        if self.database.max_connections < 2 {
+        // Each worker holds a connection while it publishes; the wake-up listener holds one; the
+        // purge task and status queries need one more.
+        let needed = u32::try_from(r.workers).unwrap_or(u32::MAX).saturating_add(2);
+        if self.database.max_connections < needed {
             return bad(
                 "database.max_connections",
-                format!("{} is too few", self.database.max_connections),
+                format!(
+                    "{} is too few for {} relay workers",
+                    self.database.max_connections, r.workers
+                ),
                 "use at least relay.workers + 2",
             );
         }
@@ -606,6 +612,9 @@ mod tests {
 
         let err = load("[default]\nschema = \"a;drop\"\n", "local").unwrap_err();
         assert!(err.to_string().contains("plain identifier"), "{err}");
+
+        let err = load("[default.relay]\nworkers = 16\n", "local").unwrap_err();
+        assert!(err.to_string().contains("database.max_connections"), "{err}");
 
         let err = load("[default]\npublisher = \"kafka\"\n", "local").unwrap_err();
         assert!(err.to_string().contains("stdout, file:PATH"), "{err}");
