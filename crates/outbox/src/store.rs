@@ -45,18 +45,6 @@ pub enum StoreError {
     Invalid(String),
 }
 
-impl StoreError {
-    /// Whether the error is the connection going away rather than a problem with the statement.
-    pub fn is_connection(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Database(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-            )
-        )
-    }
-}
-
 /// Events held by one relay worker until they are settled.
 #[async_trait]
 pub trait Claim: Send {
