@@ -15,7 +15,9 @@ use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use aws_sdk_sqs::types::QueueAttributeName;
 use serde::Serialize;
 
-use crate::config::{AwsConfig, AwsConfigError, DestinationConfig, RuleSpec, TableSpec};
+use crate::config::{
+    AwsConfig, AwsConfigError, DestinationConfig, RedriveSpec, RuleSpec, TableSpec,
+};
 use crate::errors::{error_chain, service_code};
 use crate::sdk::AwsClients;
 
@@ -84,7 +86,56 @@ pub async fn bootstrap_with(
     for table in &aws.aws.bootstrap.tables {
         ensure_table(clients, table, &mut report).await?;
     }
+    for redrive in &aws.aws.bootstrap.redrive {
+        ensure_redrive(clients, redrive, &mut report).await?;
+    }
     Ok(report)
+}
+
+/// Creates the dead-letter queue and sets the source queue's redrive policy (and visibility
+/// timeout). SetQueueAttributes is an upsert: a re-run converges to the configuration.
+async fn ensure_redrive(
+    clients: &AwsClients,
+    redrive: &RedriveSpec,
+    report: &mut BootstrapReport,
+) -> Result<(), BootstrapError> {
+    let dlq_url = ensure_queue(clients, &redrive.dead_letter_queue, report).await?;
+    let what = format!("the ARN of queue {}", redrive.dead_letter_queue);
+    let dlq_arn = clients
+        .sqs
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .map_err(|e| aws_error(&what, &e))?
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+        .cloned()
+        .ok_or_else(|| BootstrapError::Aws {
+            what,
+            reason: "GetQueueAttributes returned no QueueArn".into(),
+        })?;
+    let url = ensure_queue(clients, &redrive.queue, report).await?;
+    let policy = serde_json::json!({
+        "deadLetterTargetArn": dlq_arn,
+        "maxReceiveCount": redrive.max_receive_count.to_string(),
+    });
+    let mut set = clients
+        .sqs
+        .set_queue_attributes()
+        .queue_url(&url)
+        .attributes(QueueAttributeName::RedrivePolicy, policy.to_string());
+    if let Some(seconds) = redrive.visibility_timeout_seconds {
+        set = set.attributes(QueueAttributeName::VisibilityTimeout, seconds.to_string());
+    }
+    let what = format!(
+        "redrive policy sqs queue {} -> {} after {} receives",
+        redrive.queue, redrive.dead_letter_queue, redrive.max_receive_count
+    );
+    set.send().await.map_err(|e| aws_error(&what, &e))?;
+    report.created.push(what);
+    Ok(())
 }
 
 /// Creates the queue if missing (FIFO for a `.fifo` name); returns its URL.

@@ -148,6 +148,27 @@ pub struct BootstrapSection {
     pub rules: Vec<RuleSpec>,
     /// DynamoDB tables (e.g. a consumer's idempotency table).
     pub tables: Vec<TableSpec>,
+    /// Dead-letter queues with a redrive policy on their source queue.
+    pub redrive: Vec<RedriveSpec>,
+}
+
+/// `[[aws.bootstrap.redrive]]`: SQS moves a message of `queue` to `dead_letter_queue` once it has
+/// been received `max_receive_count` times without being deleted (a poison message).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveSpec {
+    /// The source queue (created if missing).
+    pub queue: String,
+    /// The dead-letter queue (created if missing); FIFO exactly when `queue` is.
+    pub dead_letter_queue: String,
+    #[serde(default = "default_max_receive_count")]
+    pub max_receive_count: u32,
+    /// The source queue's visibility timeout, when it should differ from the SQS default (30 s).
+    pub visibility_timeout_seconds: Option<u32>,
+}
+
+fn default_max_receive_count() -> u32 {
+    5
 }
 
 /// `[[aws.bootstrap.rules]]`
@@ -441,6 +462,22 @@ impl AwsSettings {
                         rule.name
                     ),
                     "write the pattern as JSON text, e.g. '{\"detail-type\": [\"OrderPlaced\"]}'",
+                ));
+            }
+        }
+        for (i, r) in aws.bootstrap.redrive.iter().enumerate() {
+            if r.queue.ends_with(".fifo") != r.dead_letter_queue.ends_with(".fifo") {
+                return Err(AwsConfigError::value(
+                    format!("aws.bootstrap.redrive[{i}].dead_letter_queue"),
+                    format!("`{}` and `{}` are not both FIFO or both standard", r.queue, r.dead_letter_queue),
+                    "SQS requires the dead-letter queue of a FIFO queue to be FIFO (name ending in .fifo), and of a standard queue to be standard",
+                ));
+            }
+            if !(1..=1000).contains(&r.max_receive_count) {
+                return Err(AwsConfigError::value(
+                    format!("aws.bootstrap.redrive[{i}].max_receive_count"),
+                    format!("{} is out of range", r.max_receive_count),
+                    "use 1 to 1000",
                 ));
             }
         }

@@ -1,0 +1,244 @@
+//! `outbox-demo`: the parts of the end-to-end demo, each a long-running process or a one-shot.
+//!
+//! - `outbox-demo orders`: the orders service, relay embedded (unless `relay.enabled = false`).
+//! - `outbox-demo shipping`: the shipping consumer, one line per applied event.
+//! - `outbox-demo drive`: a stream of orders over HTTP, then the summary (exit 1 if not all OK).
+//!
+//! Configuration: the demo's `outbox.toml` (or `--config` / `OUTBOX_CONFIG`), profile from
+//! `OUTBOX_PROFILE`. Logs go to standard error (`OUTBOX_LOG` / `RUST_LOG`, default `warn`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use outbox_consumer::{ConsumerOptions, DynamoOptions};
+use outbox_demo::{driver, orders, settings, shipping};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outbox-demo",
+    about = "The outbox end-to-end demo: orders -> relay -> SQS -> shipping"
+)]
+struct Cli {
+    /// Configuration file [default: OUTBOX_CONFIG, ./outbox.toml, or the demo's outbox.toml]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the orders API (with the embedded relay unless relay.enabled = false).
+    Orders {
+        #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Consume order events into shipping's database.
+    Shipping {
+        #[arg(
+            long,
+            env = "SHIPPING_DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/outbox_demo_shipping"
+        )]
+        database_url: String,
+        #[arg(long, value_enum, default_value_t = Store::Inbox)]
+        idempotency: Store,
+        /// DynamoDB table for `--idempotency dynamodb`.
+        #[arg(long, default_value = "demo-shipping-idempotency")]
+        dynamodb_table: String,
+        #[arg(long, default_value_t = 10)]
+        max_in_flight: usize,
+        /// Seconds.
+        #[arg(long, default_value_t = 30)]
+        visibility_timeout: u64,
+        /// Long-poll wait in seconds (0 to 20).
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+    },
+    /// Send a stream of orders to the orders service, wait for shipping, print the summary.
+    Drive {
+        #[arg(long, env = "DEMO_PRODUCER", default_value = "http://127.0.0.1:8080")]
+        producer: String,
+        #[arg(long, default_value_t = 12)]
+        orders: usize,
+        #[arg(
+            long,
+            env = "SHIPPING_DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/outbox_demo_shipping"
+        )]
+        shipping_database_url: String,
+        /// Seconds to wait for every event to be consumed.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Store {
+    Inbox,
+    Dynamodb,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("OUTBOX_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = settings::load(cli.config.clone())?;
+    match cli.command {
+        Command::Orders { listen } => {
+            let service = orders::Service::start(&config, listen).await?;
+            eprintln!(
+                "orders service on http://{} (profile {}, relay {})",
+                service.addr,
+                config.profile,
+                if config.relay.enabled {
+                    "embedded"
+                } else {
+                    "off: run `outbox relay`"
+                }
+            );
+            let stats = service.run_until(shutdown_signal()).await?;
+            if let Some(s) = stats {
+                eprintln!(
+                    "orders service stopped; embedded relay published {} events",
+                    s.published
+                );
+            }
+        }
+        Command::Shipping {
+            database_url,
+            idempotency,
+            dynamodb_table,
+            max_in_flight,
+            visibility_timeout,
+            wait,
+        } => {
+            let aws = outbox_aws::AwsSettings::from_config(&config)?;
+            let clients = outbox_aws::AwsClients::new(&aws).await?;
+            let queue = settings::orders_queue(&config)?;
+            let url = outbox_consumer::Consumer::queue_url(&clients.sqs, &queue).await?;
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(max_in_flight as u32 + 2)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(&database_url)
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to shipping's database {}",
+                        outbox::config::redact_url(&database_url)
+                    )
+                })?;
+            let mut options = ConsumerOptions::new(url);
+            options.max_in_flight = max_in_flight;
+            options.visibility_timeout = Duration::from_secs(visibility_timeout);
+            options.extend_every = Duration::from_secs((visibility_timeout / 3).max(1));
+            options.wait_time = Duration::from_secs(wait);
+            let store = match idempotency {
+                Store::Inbox => shipping::Idempotency::Inbox,
+                Store::Dynamodb => shipping::Idempotency::DynamoDb(DynamoOptions::new(
+                    dynamodb_table,
+                    shipping::CONSUMER,
+                )),
+            };
+            let service = shipping::start(&clients, pool, options, store, true).await?;
+            eprintln!("shipping consumer reading {queue} ({idempotency:?} idempotency)");
+            let report = service.run_until(shutdown_signal()).await?;
+            eprintln!(
+                "shipping stopped: {} received, {} applied, {} duplicates skipped, {} failed",
+                report.received, report.processed, report.duplicates, report.failed
+            );
+        }
+        Command::Drive {
+            producer,
+            orders,
+            shipping_database_url,
+            timeout,
+        } => {
+            let api = driver::Api::new(&producer);
+            api.wait_ready(Duration::from_secs(30)).await?;
+            let outbox_pool = outbox::connect_from_config(&config, "demo-driver").await?;
+            let shipping_pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&shipping_database_url)
+                .await
+                .context("connecting to shipping's database")?;
+            shipping::migrate(&shipping_pool).await?;
+            let sent = driver::send_orders(&api, orders, false).await?;
+            let table = config.schema.qualify("outbox_event");
+            let summary = driver::settle(
+                &outbox_pool,
+                &table,
+                &shipping_pool,
+                sent,
+                Duration::from_secs(timeout),
+            )
+            .await?;
+            // Let the consumer's last lines reach the terminal before the summary.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            println!("{}", summary.render());
+            return Ok(if summary.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
