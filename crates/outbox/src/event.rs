@@ -55,6 +55,8 @@ pub enum EventError {
     Serialize(String),
     #[error("header name is empty: give every header a name")]
     EmptyHeaderName,
+    #[error("event {field} contains a NUL character (\\u0000), which PostgreSQL cannot store: remove it or encode the value")]
+    NulCharacter { field: &'static str },
 }
 
 /// An event a producer enqueues in its own transaction.
@@ -176,6 +178,9 @@ impl NewEvent {
                 limit: limits.max_payload_bytes,
             });
         }
+        if has_nul_escape(payload) {
+            return Err(EventError::NulCharacter { field: "payload" });
+        }
         let first = payload.trim_start().as_bytes().first().copied();
         if first != Some(b'{') {
             return Err(EventError::PayloadNotObject {
@@ -198,6 +203,11 @@ fn check_field_len(
     value: &str,
     limits: &EventLimits,
 ) -> Result<(), EventError> {
+    // text and jsonb cannot hold NUL: refuse it here rather than as a database error that aborts
+    // the producer's transaction.
+    if value.contains('\0') {
+        return Err(EventError::NulCharacter { field });
+    }
     if value.len() > limits.max_field_bytes {
         return Err(EventError::FieldTooLong {
             field,
@@ -206,6 +216,23 @@ fn check_field_len(
         });
     }
     Ok(())
+}
+
+/// Whether serialized JSON holds the escape `\u0000` (backslashes only occur as escapes in JSON).
+fn has_nul_escape(json: &str) -> bool {
+    let b = json.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if b.get(i + 1) == Some(&b'u') && b.get(i + 2..i + 6) == Some(b"0000".as_slice()) {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 fn json_kind(first: Option<u8>) -> &'static str {
@@ -331,6 +358,22 @@ mod tests {
         let err = event.validate(&limits).unwrap_err();
         assert!(matches!(err, EventError::PayloadTooLarge { limit: 16, .. }));
         assert!(err.to_string().contains("max_payload_bytes"));
+    }
+
+    #[test]
+    fn rejects_nul_characters_that_postgres_cannot_store() {
+        let limits = EventLimits::default();
+        let nul = |e: NewEvent| matches!(e.validate(&limits), Err(EventError::NulCharacter { .. }));
+        assert!(nul(NewEvent::new("o", "1\0", "P")));
+        assert!(nul(NewEvent::new("o", "1", "P").header("h", "a\0b")));
+        assert!(nul(NewEvent::new("o", "1", "P")
+            .payload(&serde_json::json!({"s": "a\0b"}))
+            .unwrap()));
+        // An escaped backslash followed by `u0000` is an ordinary string.
+        let fine = NewEvent::new("o", "1", "P")
+            .payload(&serde_json::json!({"s": "\\u0000"}))
+            .unwrap();
+        assert_eq!(fine.validate(&limits), Ok(()));
     }
 
     #[test]
