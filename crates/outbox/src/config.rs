@@ -450,7 +450,9 @@ impl Config {
         }
         // Each worker holds a connection while it publishes; the wake-up listener holds one; the
         // purge task and status queries need one more.
-        let needed = u32::try_from(r.workers).unwrap_or(u32::MAX).saturating_add(2);
+        let needed = u32::try_from(r.workers)
+            .unwrap_or(u32::MAX)
+            .saturating_add(2);
         if self.database.max_connections < needed {
             return bad(
                 "database.max_connections",
@@ -614,7 +616,10 @@ mod tests {
         assert!(err.to_string().contains("plain identifier"), "{err}");
 
         let err = load("[default.relay]\nworkers = 16\n", "local").unwrap_err();
-        assert!(err.to_string().contains("database.max_connections"), "{err}");
+        assert!(
+            err.to_string().contains("database.max_connections"),
+            "{err}"
+        );
 
         let err = load("[default]\npublisher = \"kafka\"\n", "local").unwrap_err();
         assert!(err.to_string().contains("stdout, file:PATH"), "{err}");
