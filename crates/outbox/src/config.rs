@@ -178,6 +178,12 @@ pub struct RelayConfig {
     #[serde(with = "humantime_serde")]
     pub purge_interval: Duration,
     pub purge_batch: i64,
+    /// While events keep arriving (one was found within `active_period`), poll this often instead
+    /// of asking producers to NOTIFY, so producers under load pay nothing for wake-ups.
+    #[serde(with = "humantime_serde")]
+    pub active_poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub active_period: Duration,
     pub dead_letter: DeadLetterPolicy,
     /// Wake on NOTIFY from producers (only while a relay waits); off: poll only.
     pub notify: bool,
@@ -201,6 +207,8 @@ impl Default for RelayConfig {
             retention: store.retention,
             purge_interval: relay.purge_interval,
             purge_batch: store.purge_batch,
+            active_poll_interval: relay.active_poll_interval,
+            active_period: relay.active_period,
             dead_letter: store.dead_letter,
             notify: store.notify,
         }
@@ -434,6 +442,13 @@ impl Config {
                 "use a base above 0 and relay.backoff_max >= relay.backoff_base",
             );
         }
+        if r.active_poll_interval.is_zero() {
+            return bad(
+                "relay.active_poll_interval",
+                "0s would spin".into(),
+                "use a duration such as \"2ms\" (or relay.active_period = \"0s\" to always wait for NOTIFY)",
+            );
+        }
         if r.purge_batch < 1 {
             return bad(
                 "relay.purge_batch",
@@ -498,6 +513,8 @@ impl Config {
                 max: r.backoff_max,
             },
             purge_interval: r.purge_interval,
+            active_poll_interval: r.active_poll_interval,
+            active_period: r.active_period,
         }
     }
 

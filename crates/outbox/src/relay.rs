@@ -15,7 +15,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::FutureExt;
@@ -71,6 +71,10 @@ pub struct RelayOptions {
     pub backoff: Backoff,
     /// How often published events past the retention are removed.
     pub purge_interval: Duration,
+    /// While an event was found within `active_period`, an idle worker polls every
+    /// `active_poll_interval` rather than waiting for a wake-up (see `worker`).
+    pub active_poll_interval: Duration,
+    pub active_period: Duration,
 }
 
 impl Default for RelayOptions {
@@ -83,6 +87,8 @@ impl Default for RelayOptions {
             max_attempts: 10,
             backoff: Backoff::default(),
             purge_interval: Duration::from_secs(60),
+            active_poll_interval: Duration::from_millis(2),
+            active_period: Duration::from_millis(500),
         }
     }
 }
@@ -422,6 +428,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     async fn worker(&self, worker: usize, mut stop: watch::Receiver<bool>) {
         let options = &self.inner.options;
         let mut store_failures = 0u32;
+        let mut last_found: Option<Instant> = None;
         loop {
             if *stop.borrow() {
                 return;
@@ -429,6 +436,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             match self.run_once().await {
                 Ok(report) if report.claimed > 0 => {
                     store_failures = 0;
+                    last_found = Some(Instant::now());
                     if report.claimed >= options.batch_size {
                         self.inner.more_work.notify_waiters();
                     }
@@ -453,6 +461,18 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     }
                     continue;
                 }
+            }
+            // While events keep arriving, poll again shortly instead of asking producers to
+            // NOTIFY: a NOTIFY serializes commits, so under load producers would pay for every
+            // wake-up. Only a relay that found nothing for `active_period` asks for them.
+            let active = last_found.is_some_and(|t| t.elapsed() < options.active_period);
+            if active {
+                tokio::select! {
+                    _ = tokio::time::sleep(options.active_poll_interval) => {}
+                    _ = self.inner.more_work.notified() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
             }
             tokio::select! {
                 _ = self.inner.store.wait_for_events(options.poll_interval) => {}

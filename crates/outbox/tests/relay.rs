@@ -28,6 +28,7 @@ fn fast_options() -> RelayOptions {
             max: Duration::from_millis(100),
         },
         purge_interval: Duration::from_millis(100),
+        ..RelayOptions::default()
     }
 }
 
@@ -528,6 +529,75 @@ async fn an_event_committed_as_the_relay_starts_is_not_left_for_the_poll() {
     let published = wait_until(Duration::from_secs(5), || async { publisher.count() == 1 }).await;
     handle.stop().await.unwrap();
     assert!(published, "the event waited for the 30 s poll");
+    db.drop_db().await.unwrap();
+}
+
+/// Under a steady stream the relay polls instead of asking for NOTIFY, so producers stop paying
+/// for wake-ups; once the stream stops it asks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_under_load_stops_asking_producers_to_notify() {
+    let db = TestDb::new().await.unwrap();
+    let publisher = MemoryPublisher::new();
+    let mut options = fast_options();
+    options.poll_interval = Duration::from_millis(100); // the request lasts 2 × 200 ms
+    options.active_period = Duration::from_millis(300);
+    let relay = Relay::new(
+        store(
+            &db,
+            PgStoreOptions {
+                notify_window: Duration::from_millis(400),
+                ..PgStoreOptions::default()
+            },
+        )
+        .await,
+        publisher.clone(),
+        options,
+    );
+    let handle = relay.spawn();
+    let wanted = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT coalesce(bool_or(wanted_until > now()), false) FROM outbox_relay_wakeup",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || wanted()).await,
+        "an idle relay asks for NOTIFY"
+    );
+
+    let outbox = Outbox::new(Schema::default());
+    let started = Instant::now();
+    let mut lapsed_under_load = false;
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let mut conn = db.pool.acquire().await.unwrap();
+        outbox
+            .enqueue(&mut conn, NewEvent::new("a", "stream", "Tick"))
+            .await
+            .unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if started.elapsed() > Duration::from_millis(1000) && !wanted().await {
+            lapsed_under_load = true;
+        }
+    }
+    assert!(
+        lapsed_under_load,
+        "the request for NOTIFY should lapse while events keep coming"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            publisher.count() == sent
+        })
+        .await
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || wanted()).await,
+        "idle again: asks for NOTIFY"
+    );
+    handle.stop().await.unwrap();
     db.drop_db().await.unwrap();
 }
 

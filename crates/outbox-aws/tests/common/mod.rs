@@ -98,6 +98,7 @@ pub fn relay_options() -> RelayOptions {
             max: Duration::from_millis(500),
         },
         purge_interval: Duration::from_secs(60),
+        ..RelayOptions::default()
     }
 }
 
