@@ -51,15 +51,7 @@ pub(crate) async fn publish_in_waves<S: Sink>(
     batch: &[OutboxEvent],
 ) -> Vec<PublishResult> {
     let mut results: Vec<Option<PublishResult>> = vec![None; batch.len()];
-    let mut key_index: HashMap<OrderingKey<'_>, usize> = HashMap::new();
-    let mut queues: Vec<VecDeque<usize>> = Vec::new();
-    for (i, event) in batch.iter().enumerate() {
-        let q = *key_index.entry(event.ordering_key()).or_insert_with(|| {
-            queues.push(VecDeque::new());
-            queues.len() - 1
-        });
-        queues[q].push_back(i);
-    }
+    let mut queues = key_queues(batch);
 
     loop {
         let wave: Vec<(usize, usize)> = queues
@@ -104,6 +96,21 @@ pub(crate) async fn publish_in_waves<S: Sink>(
             r.unwrap_or_else(|| Err(PublishError::retryable("internal: event was not scheduled")))
         })
         .collect()
+}
+
+/// The indices of a batch's events grouped by ordering key, each group in `seq` order, groups in
+/// order of their first event.
+pub(crate) fn key_queues(batch: &[OutboxEvent]) -> Vec<VecDeque<usize>> {
+    let mut key_index: HashMap<OrderingKey<'_>, usize> = HashMap::new();
+    let mut queues: Vec<VecDeque<usize>> = Vec::new();
+    for (i, event) in batch.iter().enumerate() {
+        let q = *key_index.entry(event.ordering_key()).or_insert_with(|| {
+            queues.push(VecDeque::new());
+            queues.len() - 1
+        });
+        queues[q].push_back(i);
+    }
+    queues
 }
 
 /// Greedy packing in wave order: a new request when the entry count or the byte budget is full.

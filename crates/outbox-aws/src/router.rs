@@ -9,12 +9,12 @@
 //! key's unsent events bound for it; destinations are called concurrently. The next run of a key
 //! goes out only after its previous run succeeded, so a failure anywhere stops the key.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use outbox::publisher::skipped_after_failure;
-use outbox::{OrderingKey, OutboxEvent, PublishError, PublishResult, Publisher};
+use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 
 use crate::claim_check::Offloader;
 use crate::config::{AwsConfig, AwsConfigError, DestinationConfig};
@@ -152,15 +152,7 @@ impl Publisher for RoutingPublisher {
         }
 
         let mut results: Vec<Option<PublishResult>> = vec![None; batch.len()];
-        let mut key_index: HashMap<OrderingKey<'_>, usize> = HashMap::new();
-        let mut queues: Vec<VecDeque<usize>> = Vec::new();
-        for (i, event) in batch.iter().enumerate() {
-            let q = *key_index.entry(event.ordering_key()).or_insert_with(|| {
-                queues.push(VecDeque::new());
-                queues.len() - 1
-            });
-            queues[q].push_back(i);
-        }
+        let mut queues = crate::batch::key_queues(batch);
 
         loop {
             // This round: per destination, the event indices to send (in seq order), and per key
