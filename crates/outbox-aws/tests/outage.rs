@@ -1,9 +1,9 @@
 //! The emulator goes down while the relay runs and producers keep committing: the relay retries
 //! with backoff, and once the emulator is back every event is delivered, none lost, none twice.
 //!
-//! It stops and restarts the emulator with `scripts/aws-emulator.sh`, so it needs an emulator the
-//! script started (not LocalStack in Docker) and it is alone in its test binary: other test
-//! binaries run before or after it, never during.
+//! It starts an emulator of its own on a free port with `scripts/aws-emulator.sh`, stops and
+//! restarts it, and stops it at the end, so the shared emulator other tests use is never touched
+//! (and a LocalStack on 4566 does not get in the way).
 
 mod common;
 
@@ -32,28 +32,28 @@ fn emulator(action: &str) {
     assert!(status.success(), "scripts/aws-emulator.sh {action} failed");
 }
 
-/// Restarts the emulator even when the test fails half-way, so later tests find it.
-struct RestartOnDrop;
-impl Drop for RestartOnDrop {
+/// Stops the test's own emulator however the test ends.
+struct StopOnDrop;
+impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = std::panic::catch_unwind(|| emulator("start"));
-        }
+        let _ = std::panic::catch_unwind(|| emulator("stop"));
     }
 }
 
 #[tokio::test]
 async fn relay_rides_out_an_emulator_outage_without_losing_events() {
-    require_emulator().await;
-    let (_, port) = endpoint_addr();
-    let pid_file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("../../.run/aws-emulator-{port}.pid"));
-    assert!(
-        pid_file.exists(),
-        "this test stops and restarts the emulator, so it must be the one `scripts/aws-emulator.sh start` \
-         started (no {}); LocalStack users: run the other tests with --skip relay_rides_out",
-        pid_file.display()
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    // The only test in this binary: every helper in `common` now talks to the private emulator.
+    std::env::set_var(
+        "OUTBOX_TEST_AWS_ENDPOINT",
+        format!("http://127.0.0.1:{port}"),
     );
+    emulator("start");
+    let _stop = StopOnDrop;
+    require_emulator().await;
 
     let queue = unique("outage");
     let config = load_config(
@@ -101,7 +101,6 @@ async fn relay_rides_out_an_emulator_outage_without_losing_events() {
     assert_eq!(got.len(), 3, "delivered before the outage");
 
     // Down: producers keep committing; the relay keeps failing and backing off.
-    let _guard = RestartOnDrop;
     emulator("stop");
     let down = publisher_from_config(&config)
         .await
