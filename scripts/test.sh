@@ -12,5 +12,5 @@ ensure_emulator
 export DATABASE_URL="$ADMIN_DATABASE_URL"
 
 say "running the test suite"
-cargo test --workspace --all-targets "$@"
+cargo test --workspace --all-targets --no-fail-fast "$@"
 cargo test --workspace --doc
