@@ -10,15 +10,7 @@ use outbox_lambda::LambdaRelay;
 use outbox_testkit::TestDb;
 
 fn endpoint() -> String {
-    let url = std::env::var("OUTBOX_TEST_AWS_ENDPOINT")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "http://127.0.0.1:4566".to_owned());
-    assert!(
-        url.starts_with("http://127.0.0.1:") || url.starts_with("http://localhost:"),
-        "{url} is not loopback"
-    );
-    url
+    outbox_testkit::aws_endpoint()
 }
 
 fn config(db: &TestDb, queue: &str) -> outbox::Config {

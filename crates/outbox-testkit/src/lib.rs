@@ -83,6 +83,23 @@ impl TestDb {
     }
 }
 
+/// The AWS emulator the tests use: `OUTBOX_TEST_AWS_ENDPOINT`, default `http://127.0.0.1:4566`
+/// (started by `scripts/aws-emulator.sh start`). Only loopback is accepted, so no test can reach
+/// real AWS or another machine.
+pub fn aws_endpoint() -> String {
+    let url = std::env::var("OUTBOX_TEST_AWS_ENDPOINT")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "http://127.0.0.1:4566".to_owned());
+    assert!(
+        ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
+            .iter()
+            .any(|prefix| url.starts_with(prefix)),
+        "OUTBOX_TEST_AWS_ENDPOINT must be an http:// URL on loopback, got {url}"
+    );
+    url
+}
+
 /// `url` with its database path replaced by `database`.
 pub fn url_with_database(url: &str, database: &str) -> String {
     let (base, query) = match url.split_once('?') {

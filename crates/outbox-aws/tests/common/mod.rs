@@ -14,10 +14,7 @@ use outbox_testkit::TestDb;
 
 /// The emulator the tests use: `OUTBOX_TEST_AWS_ENDPOINT`, default `http://127.0.0.1:4566`.
 pub fn endpoint() -> String {
-    std::env::var("OUTBOX_TEST_AWS_ENDPOINT")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "http://127.0.0.1:4566".to_owned())
+    outbox_testkit::aws_endpoint()
 }
 
 /// `host:port` of the endpoint; only loopback endpoints are accepted, so a test never reaches

@@ -9,15 +9,7 @@ use aws_sdk_sqs::types::MessageAttributeValue;
 use outbox_aws::sqs::{ATTR_AGGREGATE_ID, ATTR_AGGREGATE_TYPE, ATTR_EVENT_ID, ATTR_EVENT_TYPE};
 
 pub fn endpoint() -> String {
-    let url = std::env::var("OUTBOX_TEST_AWS_ENDPOINT")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "http://127.0.0.1:4566".to_owned());
-    assert!(
-        url.starts_with("http://127.0.0.1:") || url.starts_with("http://localhost:"),
-        "OUTBOX_TEST_AWS_ENDPOINT must be on loopback, got {url}"
-    );
-    url
+    outbox_testkit::aws_endpoint()
 }
 
 pub fn unique(prefix: &str) -> String {
