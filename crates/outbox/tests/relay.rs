@@ -563,7 +563,7 @@ async fn a_relay_under_load_stops_asking_producers_to_notify() {
         .unwrap()
     };
     assert!(
-        wait_until(Duration::from_secs(5), || wanted()).await,
+        wait_until(Duration::from_secs(5), &wanted).await,
         "an idle relay asks for NOTIFY"
     );
 
@@ -594,7 +594,7 @@ async fn a_relay_under_load_stops_asking_producers_to_notify() {
         .await
     );
     assert!(
-        wait_until(Duration::from_secs(5), || wanted()).await,
+        wait_until(Duration::from_secs(5), &wanted).await,
         "idle again: asks for NOTIFY"
     );
     handle.stop().await.unwrap();
