@@ -160,6 +160,9 @@ struct Inner<S, P> {
     stats: Arc<RelayStats>,
     /// Wakes idle sibling workers after a full batch: more work is likely waiting.
     more_work: Notify,
+    /// When any worker last found events (milliseconds since `started`), for the active polling.
+    last_found_ms: AtomicU64,
+    started: Instant,
 }
 
 impl<S: Store, P: Publisher> Clone for Relay<S, P> {
@@ -182,6 +185,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 options,
                 stats: Arc::default(),
                 more_work: Notify::new(),
+                last_found_ms: AtomicU64::new(u64::MAX),
+                started: Instant::now(),
             }),
         }
     }
@@ -428,7 +433,6 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     async fn worker(&self, worker: usize, mut stop: watch::Receiver<bool>) {
         let options = &self.inner.options;
         let mut store_failures = 0u32;
-        let mut last_found: Option<Instant> = None;
         loop {
             if *stop.borrow() {
                 return;
@@ -436,7 +440,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             match self.run_once().await {
                 Ok(report) if report.claimed > 0 => {
                     store_failures = 0;
-                    last_found = Some(Instant::now());
+                    self.mark_found();
                     if report.claimed >= options.batch_size {
                         self.inner.more_work.notify_waiters();
                     }
@@ -465,10 +469,16 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             // While events keep arriving, poll again shortly instead of asking producers to
             // NOTIFY: a NOTIFY serializes commits, so under load producers would pay for every
             // wake-up. Only a relay that found nothing for `active_period` asks for them.
-            let active = last_found.is_some_and(|t| t.elapsed() < options.active_period);
-            if active {
+            // One worker polls; the others wait for it to find a full batch (or for the poll
+            // interval), without renewing the request for NOTIFY either.
+            if self.is_active() {
+                let pause = if worker == 0 {
+                    options.active_poll_interval
+                } else {
+                    options.poll_interval
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(options.active_poll_interval) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = self.inner.more_work.notified() => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
@@ -480,6 +490,22 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
+    }
+
+    fn mark_found(&self) {
+        let now = u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.inner.last_found_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether any worker found events within `active_period`.
+    fn is_active(&self) -> bool {
+        let last = self.inner.last_found_ms.load(Ordering::Relaxed);
+        if last == u64::MAX {
+            return false;
+        }
+        let now = u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(last)
+            < u64::try_from(self.inner.options.active_period.as_millis()).unwrap_or(u64::MAX)
     }
 
     async fn purger(&self, mut stop: watch::Receiver<bool>) {
