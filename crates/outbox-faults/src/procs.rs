@@ -180,6 +180,28 @@ impl Proc {
     }
 }
 
+/// Runs the `outbox` CLI in `dir` with `toml` as its configuration file and only the given
+/// environment (no inherited DATABASE_URL / OUTBOX_* / AWS_*), and returns its output.
+pub fn run_cli(
+    dir: &Path,
+    toml: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let config = dir.join("outbox.toml");
+    std::fs::write(&config, toml).expect("write the test configuration");
+    let mut cmd = std::process::Command::new(outbox_cli());
+    cmd.args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OUTBOX_CONFIG", &config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run the outbox CLI")
+}
+
 /// A free TCP port on loopback (bound and released; racy only against other port pickers).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -5,22 +5,11 @@ use std::path::Path;
 use std::process::Output;
 
 use outbox::{NewEvent, Outbox, Schema};
-use outbox_faults::procs::{outbox_cli, scratch};
+use outbox_faults::procs::{outbox_cli, run_cli, scratch};
 use outbox_testkit::TestDb;
 
 fn cli(dir: &Path, toml: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let config = dir.join("outbox.toml");
-    std::fs::write(&config, toml).unwrap();
-    let mut cmd = std::process::Command::new(outbox_cli());
-    cmd.args(args)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("OUTBOX_CONFIG", &config);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run the outbox CLI")
+    run_cli(dir, toml, args, env)
 }
 
 fn all_output(o: &Output) -> String {
