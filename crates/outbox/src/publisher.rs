@@ -8,9 +8,19 @@
 //! - after an event of a key fails, not send the later events of that key in the same batch, and
 //!   return [`PublishError::retryable`] for them ([`skipped_after_failure`] builds that error);
 //!   events of other keys are unaffected;
-//! - classify every error: [`PublishError::Retryable`] when trying again later can succeed (broker
-//!   down, throttled, timeout), [`PublishError::Permanent`] when it never will (malformed, too
-//!   large, no route). The relay dead-letters permanent errors at once.
+//! - classify every error by what it belongs to:
+//!   - [`PublishError::Unavailable`]: the **destination** cannot take anything right now (connection
+//!     refused, DNS, TLS, timeouts, 5xx, throttling, the queue or topic is missing, credentials
+//!     expired). The relay pauses that destination, probes it with backoff, and charges **no
+//!     attempt** to any event: an outage never dead-letters or reorders anything.
+//!   - [`PublishError::Retryable`]: this **event** failed and trying again later can succeed; the
+//!     relay backs off and counts an attempt toward `relay.max_attempts`.
+//!   - [`PublishError::Permanent`]: this **event** will never be accepted (too large, rejected for
+//!     its content, no route). The relay dead-letters it at once.
+//!   - [`PublishError::Fatal`]: the publisher can never work again in this process (its output
+//!     was closed, e.g. `outbox relay | head`). The relay gives the batch back and stops.
+//! - say which destination an event goes to ([`Publisher::destination_of`]) when it has several,
+//!   so that one destination's outage does not hold back the others.
 //!
 //! The relay bounds every call with its publish timeout; a publisher need not add its own.
 
@@ -26,30 +36,52 @@ use crate::event::{OrderingKey, OutboxEvent};
 /// One event's delivery outcome.
 pub type PublishResult = Result<(), PublishError>;
 
-/// Why an event was not published, classified for the relay's retry decision.
+/// Why an event was not published, classified by scope for the relay's decision (see the
+/// [module documentation](self)).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
-    /// Trying again later can succeed; the relay backs off and retries up to its attempt limit.
+    /// The destination cannot take anything now: pause it and probe; no attempt is charged.
+    #[error("destination unavailable: {0}")]
+    Unavailable(String),
+    /// This event failed and may succeed later: back off and count an attempt.
     #[error("retryable: {0}")]
     Retryable(String),
-    /// Trying again will not help; the relay dead-letters the event at once.
+    /// This event will never be accepted: dead-letter it at once.
     #[error("permanent: {0}")]
     Permanent(String),
+    /// The publisher can never work again in this process: give the batch back and stop the relay.
+    #[error("fatal: {0}")]
+    Fatal(String),
 }
 
 impl PublishError {
+    /// A failure of the destination (see [`PublishError::Unavailable`]).
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        Self::Unavailable(reason.into())
+    }
+    /// A failure of this event that may pass (see [`PublishError::Retryable`]).
     pub fn retryable(reason: impl Into<String>) -> Self {
         Self::Retryable(reason.into())
     }
+    /// A failure of this event that will not pass (see [`PublishError::Permanent`]).
     pub fn permanent(reason: impl Into<String>) -> Self {
         Self::Permanent(reason.into())
     }
+    /// A failure that ends the relay (see [`PublishError::Fatal`]).
+    pub fn fatal(reason: impl Into<String>) -> Self {
+        Self::Fatal(reason.into())
+    }
+    /// Whether trying again later can succeed (the event is not dead-lettered for this error).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Retryable(_))
+        matches!(self, Self::Retryable(_) | Self::Unavailable(_))
+    }
+    /// Whether the destination, not the event, failed.
+    pub fn is_destination_failure(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
     }
     pub fn reason(&self) -> &str {
         match self {
-            Self::Retryable(r) | Self::Permanent(r) => r,
+            Self::Unavailable(r) | Self::Retryable(r) | Self::Permanent(r) | Self::Fatal(r) => r,
         }
     }
 }
@@ -74,6 +106,14 @@ pub trait Publisher: Send + Sync + 'static {
     async fn check(&self) -> Result<(), PublishError> {
         Ok(())
     }
+
+    /// The name of the destination `event` goes to. The relay keeps the health of each destination
+    /// apart, so an outage of one holds back only the events routed to it. Publishers with one
+    /// destination keep the default.
+    fn destination_of(&self, event: &OutboxEvent) -> String {
+        let _ = event;
+        "default".to_owned()
+    }
 }
 
 #[async_trait]
@@ -84,6 +124,9 @@ impl<P: Publisher + ?Sized> Publisher for Arc<P> {
     async fn check(&self) -> Result<(), PublishError> {
         (**self).check().await
     }
+    fn destination_of(&self, event: &OutboxEvent) -> String {
+        (**self).destination_of(event)
+    }
 }
 
 #[async_trait]
@@ -93,6 +136,9 @@ impl<P: Publisher + ?Sized> Publisher for Box<P> {
     }
     async fn check(&self) -> Result<(), PublishError> {
         (**self).check().await
+    }
+    fn destination_of(&self, event: &OutboxEvent) -> String {
+        (**self).destination_of(event)
     }
 }
 

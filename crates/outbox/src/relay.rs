@@ -146,6 +146,10 @@ pub enum RelayError {
     PublisherCheck(PublishError),
     #[error("relay task failed: {0}")]
     Task(String),
+    /// The publisher returned [`PublishError::Fatal`]: the claimed batch was given back and the
+    /// relay stopped, since nothing more can be published by this process.
+    #[error("the publisher cannot continue: {0}")]
+    PublisherFatal(String),
 }
 
 /// The relay engine over a store and a publisher.
@@ -407,14 +411,20 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                             PublishError::Permanent(reason) => Outcome::Dead {
                                 error: format!("permanent failure: {reason}"),
                             },
-                            PublishError::Retryable(reason) if attempts >= options.max_attempts => {
+                            PublishError::Retryable(reason)
+                            | PublishError::Unavailable(reason)
+                            | PublishError::Fatal(reason)
+                                if attempts >= options.max_attempts =>
+                            {
                                 Outcome::Dead {
                                     error: format!(
                                         "gave up after {attempts} attempts (relay.max_attempts): {reason}"
                                     ),
                                 }
                             }
-                            PublishError::Retryable(reason) => {
+                            PublishError::Retryable(reason)
+                            | PublishError::Unavailable(reason)
+                            | PublishError::Fatal(reason) => {
                                 let delay = options.backoff.delay(attempts);
                                 Outcome::Retry {
                                     error: reason,
