@@ -156,8 +156,10 @@ async fn send_chunk<S: Sink>(
             )));
             entries.len()
         ],
+        // The whole request failed for the broker's reasons (down, slow, throttling, missing,
+        // credentials): the destination's failure, which costs the events no attempt.
         Err(RequestFailure::Transient(reason)) => {
-            vec![Err(PublishError::retryable(reason)); entries.len()]
+            vec![Err(PublishError::unavailable(reason)); entries.len()]
         }
         Err(RequestFailure::Content(reason)) if entries.len() == 1 => {
             vec![Err(PublishError::permanent(reason))]
@@ -172,7 +174,9 @@ async fn send_chunk<S: Sink>(
                     Ok(_) => Err(PublishError::retryable(
                         "broker answered a wrong number of results",
                     )),
-                    Err(RequestFailure::Transient(reason)) => Err(PublishError::retryable(reason)),
+                    Err(RequestFailure::Transient(reason)) => {
+                        Err(PublishError::unavailable(reason))
+                    }
                     Err(RequestFailure::Content(reason)) => Err(PublishError::permanent(reason)),
                 }
             }))

@@ -62,6 +62,15 @@ pub(crate) fn is_transient_code(code: &str) -> bool {
     TRANSIENT_CODES.contains(&code) || code.contains("Throttl") || code.contains("Internal")
 }
 
+/// True when an entry-level code says the destination is throttling: the destination's failure,
+/// not the entry's.
+pub(crate) fn is_throttling_code(code: &str) -> bool {
+    code.contains("Throttl")
+        || code == "SlowDown"
+        || code.contains("TooManyRequests")
+        || code.contains("LimitExceeded")
+}
+
 /// Classifies a failed call.
 pub(crate) fn classify<E>(error: &SdkError<E, HttpResponse>, what: &str) -> RequestFailure
 where

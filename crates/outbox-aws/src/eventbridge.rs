@@ -16,7 +16,9 @@ use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use crate::batch::{publish_in_waves, Prepared, Sink};
 use crate::claim_check::Offloader;
 use crate::config::{render_template, BodyFormat, EventBridgeDestination, Profile};
-use crate::errors::{classify, is_transient_code, service_code, RequestFailure};
+use crate::errors::{
+    classify, is_throttling_code, is_transient_code, service_code, RequestFailure,
+};
 
 /// What EventBridge counts for `Time` in an entry's size.
 const TIME_BYTES: usize = 14;
@@ -99,7 +101,7 @@ impl Sink for EventBridgePublisher {
                 .store(event.id, detail)
                 .await
                 .map_err(|f| match f {
-                    RequestFailure::Transient(r) => PublishError::retryable(r),
+                    RequestFailure::Transient(r) => PublishError::unavailable(r),
                     RequestFailure::Content(r) => PublishError::permanent(r),
                 })?;
             detail = check.to_body();
@@ -148,7 +150,9 @@ impl Sink for EventBridgePublisher {
                         self.config.bus,
                         r.error_message().unwrap_or("no message")
                     );
-                    if is_transient_code(code) {
+                    if is_throttling_code(code) {
+                        Err(PublishError::unavailable(reason))
+                    } else if is_transient_code(code) {
                         Err(PublishError::retryable(reason))
                     } else {
                         Err(PublishError::permanent(reason))

@@ -229,6 +229,15 @@ impl Publisher for RoutingPublisher {
             .collect()
     }
 
+    /// The route's destination name, so that the relay holds back only the events of a
+    /// destination that is down.
+    fn destination_of(&self, event: &OutboxEvent) -> String {
+        match self.config.route(event) {
+            Ok(name) => name.to_owned(),
+            Err(_) => "(no route)".to_owned(),
+        }
+    }
+
     /// Verifies every destination (and the large-payload bucket) exists; all problems at once.
     async fn check(&self) -> Result<(), PublishError> {
         let mut problems = Vec::new();

@@ -25,7 +25,9 @@ use tokio::sync::OnceCell;
 use crate::batch::{publish_in_waves, Prepared, Sink};
 use crate::claim_check::{Offloader, CLAIM_CHECK_ATTRIBUTE};
 use crate::config::{BodyFormat, Profile, SqsDestination};
-use crate::errors::{classify, is_transient_code, service_code, RequestFailure};
+use crate::errors::{
+    classify, is_throttling_code, is_transient_code, service_code, RequestFailure,
+};
 
 pub const ATTR_EVENT_ID: &str = "outbox-event-id";
 pub const ATTR_EVENT_TYPE: &str = "outbox-event-type";
@@ -162,7 +164,7 @@ impl Sink for SqsPublisher {
                 return Err(self.too_large(event, size));
             };
             let check = offloader.store(event.id, body).await.map_err(|f| match f {
-                RequestFailure::Transient(r) => PublishError::retryable(r),
+                RequestFailure::Transient(r) => PublishError::unavailable(r),
                 RequestFailure::Content(r) => PublishError::permanent(r),
             })?;
             body = check.to_body();
@@ -308,8 +310,9 @@ impl Publisher for SqsPublisher {
     }
 }
 
-/// A per-entry failure of `SendMessageBatch`: the sender's fault is permanent unless the code
-/// says throttling or an internal failure; the service's fault is retryable.
+/// A per-entry failure of `SendMessageBatch`: throttling is the destination's (no attempt
+/// counted); otherwise the sender's fault is permanent unless the code says an internal failure,
+/// and the service's fault is retryable.
 pub(crate) fn entry_error(
     queue: &str,
     sender_fault: bool,
@@ -321,7 +324,9 @@ pub(crate) fn entry_error(
         if sender_fault { " (sender fault)" } else { "" },
         message.unwrap_or("no message")
     );
-    if sender_fault && !is_transient_code(code) {
+    if is_throttling_code(code) {
+        PublishError::unavailable(reason)
+    } else if sender_fault && !is_transient_code(code) {
         PublishError::permanent(reason)
     } else {
         PublishError::retryable(reason)

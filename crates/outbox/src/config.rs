@@ -172,6 +172,12 @@ pub struct RelayConfig {
     pub backoff_base: Duration,
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// Longest wait between probes of a destination that is down (they start at `backoff_base`).
+    #[serde(with = "humantime_serde")]
+    pub destination_backoff_max: Duration,
+    /// A claim stops adding events once their payloads reach this many bytes (it always takes one):
+    /// the bound of the relay's memory per worker.
+    pub max_batch_bytes: u64,
     /// Keep published events this long ("0s": delete on publish).
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -204,6 +210,8 @@ impl Default for RelayConfig {
             max_attempts: relay.max_attempts,
             backoff_base: relay.backoff.base,
             backoff_max: relay.backoff.max,
+            destination_backoff_max: relay.destination_backoff_max,
+            max_batch_bytes: store.max_batch_bytes,
             retention: store.retention,
             purge_interval: relay.purge_interval,
             purge_batch: store.purge_batch,
@@ -442,6 +450,23 @@ impl Config {
                 "use a base above 0 and relay.backoff_max >= relay.backoff_base",
             );
         }
+        if r.destination_backoff_max < r.backoff_base {
+            return bad(
+                "relay.destination_backoff_max",
+                format!(
+                    "{:?} is below relay.backoff_base ({:?})",
+                    r.destination_backoff_max, r.backoff_base
+                ),
+                "use a duration such as \"10s\" (how long a destination that is down may wait for its next probe)",
+            );
+        }
+        if r.max_batch_bytes < 1024 {
+            return bad(
+                "relay.max_batch_bytes",
+                format!("{} is below 1024", r.max_batch_bytes),
+                "use a budget such as 16777216 (16 MiB); a claim always takes at least one event",
+            );
+        }
         if r.active_poll_interval.is_zero() {
             return bad(
                 "relay.active_poll_interval",
@@ -512,6 +537,7 @@ impl Config {
                 base: r.backoff_base,
                 max: r.backoff_max,
             },
+            destination_backoff_max: r.destination_backoff_max,
             purge_interval: r.purge_interval,
             active_poll_interval: r.active_poll_interval,
             active_period: r.active_period,
@@ -529,6 +555,8 @@ impl Config {
             dead_letter: r.dead_letter,
             notify: r.notify,
             notify_window: r.poll_interval.max(Duration::from_millis(200)) * 2,
+            max_batch_bytes: r.max_batch_bytes,
+            max_event_bytes: self.events.max_payload_bytes as u64,
         }
     }
 }

@@ -300,6 +300,10 @@ struct MemoryState {
     count: u64,
     faults: HashMap<uuid::Uuid, Fault>,
     fault_by_type: HashMap<String, Fault>,
+    /// While set, the whole broker is down: every event fails with this destination-level reason.
+    outage: Option<String>,
+    /// Publish calls made while down (the relay's probes).
+    calls_while_down: u64,
 }
 
 impl MemoryPublisher {
@@ -329,6 +333,17 @@ impl MemoryPublisher {
         self.state()
             .fault_by_type
             .insert(event_type.to_owned(), fault);
+    }
+
+    /// Takes the broker down (`Some(reason)`: every event fails with
+    /// [`PublishError::Unavailable`]) or brings it back (`None`).
+    pub fn set_outage(&self, reason: Option<&str>) {
+        self.state().outage = reason.map(str::to_owned);
+    }
+
+    /// How many publish calls reached this publisher while it was down.
+    pub fn calls_while_down(&self) -> u64 {
+        self.state().calls_while_down
     }
 
     /// Everything published so far, in publish order (duplicates included).
@@ -380,6 +395,13 @@ impl Publisher for MemoryPublisher {
     async fn publish(&self, batch: &[OutboxEvent]) -> Vec<PublishResult> {
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
+        }
+        {
+            let mut state = self.state();
+            if let Some(reason) = state.outage.clone() {
+                state.calls_while_down += 1;
+                return vec![Err(PublishError::unavailable(reason)); batch.len()];
+            }
         }
         publish_sequentially(batch, |event| std::future::ready(self.send_one(event))).await
     }

@@ -6,15 +6,25 @@
 //! from a Lambda function).
 //!
 //! Each worker loops: claim up to `batch_size` events; publish them bounded by
-//! `publish_timeout`; turn every result into an [`Outcome`] (published, retry with backoff, or
-//! dead) and settle them in one round trip. A full batch is followed at once by the next claim, so a
-//! backlog drains without sleeping; an empty claim waits for a wake-up or the poll interval.
+//! `publish_timeout`; turn every result into an [`Outcome`] and settle them in one round trip. A
+//! full batch is followed at once by the next claim, so a backlog drains without sleeping; an empty
+//! claim waits for a wake-up or the poll interval.
+//!
+//! Failures are judged by what they belong to ([`PublishError`]):
+//! - a **destination** failure (the broker is down, slow, throttling, missing) charges no attempt:
+//!   the destination is marked down, its events are deferred (held in the store, their keys wait
+//!   behind them), and it is probed with its own backoff (`relay.backoff_base` doubling up to
+//!   `relay.destination_backoff_max`) by releasing one held event; the first success releases the
+//!   rest at once. Other destinations keep flowing.
+//! - an **event** failure counts an attempt: retry with backoff, dead after `max_attempts`, or dead
+//!   at once when permanent.
+//! - a **fatal** publisher failure gives the batch back and stops the relay.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -69,6 +79,8 @@ pub struct RelayOptions {
     /// Attempts before a retryable failure becomes a dead letter.
     pub max_attempts: u32,
     pub backoff: Backoff,
+    /// Probes of a destination that is down: `backoff.base` doubling up to this.
+    pub destination_backoff_max: Duration,
     /// How often published events past the retention are removed.
     pub purge_interval: Duration,
     /// While an event was found within `active_period`, an idle worker polls every
@@ -86,6 +98,7 @@ impl Default for RelayOptions {
             publish_timeout: Duration::from_secs(10),
             max_attempts: 10,
             backoff: Backoff::default(),
+            destination_backoff_max: Duration::from_secs(10),
             purge_interval: Duration::from_secs(60),
             active_poll_interval: Duration::from_millis(2),
             active_period: Duration::from_millis(500),
@@ -99,6 +112,8 @@ pub struct RelayStats {
     pub batches: AtomicU64,
     pub published: AtomicU64,
     pub retried: AtomicU64,
+    /// Events held back because their destination was unavailable (no attempt counted).
+    pub deferred: AtomicU64,
     pub dead: AtomicU64,
     /// Claims that were lost before they were settled (their events are claimed again).
     pub claims_lost: AtomicU64,
@@ -111,6 +126,7 @@ pub struct RelaySnapshot {
     pub batches: u64,
     pub published: u64,
     pub retried: u64,
+    pub deferred: u64,
     pub dead: u64,
     pub claims_lost: u64,
     pub store_errors: u64,
@@ -123,6 +139,7 @@ impl RelayStats {
             batches: get(&self.batches),
             published: get(&self.published),
             retried: get(&self.retried),
+            deferred: get(&self.deferred),
             dead: get(&self.dead),
             claims_lost: get(&self.claims_lost),
             store_errors: get(&self.store_errors),
@@ -136,6 +153,7 @@ pub struct BatchReport {
     pub claimed: usize,
     pub published: u64,
     pub retried: u64,
+    pub deferred: u64,
     pub dead: u64,
 }
 
@@ -167,6 +185,23 @@ struct Inner<S, P> {
     /// When any worker last found events (milliseconds since `started`), for the active polling.
     last_found_ms: AtomicU64,
     started: Instant,
+    /// The health of every destination that failed since the relay started.
+    destinations: Mutex<HashMap<String, DestinationHealth>>,
+    /// Set when a publisher failed fatally: every loop stops and `run` returns the reason.
+    fatal: Mutex<Option<String>>,
+    halt: watch::Sender<bool>,
+    logs: LogBudgets,
+}
+
+/// A destination that failed with [`PublishError::Unavailable`] and is not back yet.
+#[derive(Debug, Clone)]
+struct DestinationHealth {
+    since: Instant,
+    /// Failed probes (and the first failure) in a row; drives the probe backoff.
+    failures: u32,
+    /// Before this, events for the destination are deferred without being sent.
+    next_probe: Instant,
+    last_error: String,
 }
 
 impl<S: Store, P: Publisher> Clone for Relay<S, P> {
@@ -191,6 +226,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 more_work: Notify::new(),
                 last_found_ms: AtomicU64::new(u64::MAX),
                 started: Instant::now(),
+                destinations: Mutex::default(),
+                fatal: Mutex::default(),
+                halt: watch::channel(false).0,
+                logs: LogBudgets::default(),
             }),
         }
     }
@@ -203,8 +242,17 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         &self.inner.store
     }
 
+    /// The destinations that are down now, with how long and why (for status and health checks).
+    pub fn destinations_down(&self) -> Vec<(String, Duration, String)> {
+        lock(&self.inner.destinations)
+            .iter()
+            .map(|(name, h)| (name.clone(), h.since.elapsed(), h.last_error.clone()))
+            .collect()
+    }
+
     /// Runs until `shutdown` completes, then lets every in-flight batch finish and returns.
     /// Checks the publisher first, so a misconfigured destination fails before anything is claimed.
+    /// Returns [`RelayError::PublisherFatal`] when the publisher can no longer work.
     pub async fn run(
         &self,
         shutdown: impl Future<Output = ()> + Send,
@@ -224,15 +272,18 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         {
             let relay = self.clone();
             let stop = stop_rx.clone();
-            tasks.spawn(async move { relay.purger(stop).await });
+            tasks.spawn(async move { relay.maintainer(stop).await });
         }
         tracing::info!(
             workers = self.inner.options.workers,
             batch_size = self.inner.options.batch_size,
             "relay started"
         );
-        shutdown.await;
-        tracing::info!("relay stopping: finishing in-flight batches");
+        let mut halted = self.inner.halt.subscribe();
+        tokio::select! {
+            _ = shutdown => tracing::info!("relay stopping: finishing in-flight batches"),
+            _ = halted.wait_for(|h| *h) => {}
+        }
         let _ = stop_tx.send(true);
         let mut failure = None;
         while let Some(joined) = tasks.join_next().await {
@@ -240,9 +291,26 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 failure = Some(RelayError::Task(e.to_string()));
             }
         }
-        let snapshot = self.inner.stats.snapshot();
-        tracing::info!(?snapshot, "relay stopped");
-        failure.map_or(Ok(snapshot), Err)
+        let s = self.inner.stats.snapshot();
+        tracing::info!(
+            batches = s.batches,
+            published = s.published,
+            retried = s.retried,
+            deferred = s.deferred,
+            dead = s.dead,
+            claims_lost = s.claims_lost,
+            store_errors = s.store_errors,
+            "relay stopped"
+        );
+        if let Some(reason) = self.fatal() {
+            return Err(RelayError::PublisherFatal(reason));
+        }
+        failure.map_or(Ok(s), Err)
+    }
+
+    /// The reason the publisher failed fatally, if it did.
+    fn fatal(&self) -> Option<String> {
+        lock(&self.inner.fatal).clone()
     }
 
     /// Starts the relay as a background task (the embedded mode). Stop it with
@@ -297,33 +365,38 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         while let Some(joined) = tasks.join_next().await {
             joined.map_err(|e| RelayError::Task(e.to_string()))?;
         }
+        if let Some(reason) = self.fatal() {
+            return Err(RelayError::PublisherFatal(reason));
+        }
         let after = self.inner.stats.snapshot();
         Ok(RelaySnapshot {
             batches: after.batches - before.batches,
             published: after.published - before.published,
             retried: after.retried - before.retried,
+            deferred: after.deferred - before.deferred,
             dead: after.dead - before.dead,
             claims_lost: after.claims_lost - before.claims_lost,
             store_errors: after.store_errors - before.store_errors,
         })
     }
 
-    /// One claim-publish-settle cycle.
+    /// One claim-publish-settle cycle. After a fatal publisher failure it claims nothing.
     pub async fn run_once(&self) -> Result<BatchReport, StoreError> {
         let inner = &self.inner;
+        if *inner.halt.borrow() {
+            return Ok(BatchReport::default());
+        }
         let result = self.cycle().await;
         match &result {
             Ok(report) if report.claimed > 0 => {
-                inner.stats.batches.fetch_add(1, Ordering::Relaxed);
-                inner
-                    .stats
+                let stats = &inner.stats;
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats
                     .published
                     .fetch_add(report.published, Ordering::Relaxed);
-                inner
-                    .stats
-                    .retried
-                    .fetch_add(report.retried, Ordering::Relaxed);
-                inner.stats.dead.fetch_add(report.dead, Ordering::Relaxed);
+                stats.retried.fetch_add(report.retried, Ordering::Relaxed);
+                stats.deferred.fetch_add(report.deferred, Ordering::Relaxed);
+                stats.dead.fetch_add(report.dead, Ordering::Relaxed);
             }
             Ok(_) => {}
             Err(StoreError::ClaimLost) => {
@@ -344,109 +417,302 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             claim.release().await?;
             return Ok(BatchReport::default());
         }
-        let results = self.publish(claim.events()).await;
-        let outcomes = self.outcomes(claim.events(), results);
+        let events = claim.events();
+        let destinations: Vec<String> = events
+            .iter()
+            .map(|e| inner.publisher.destination_of(e))
+            .collect();
+        let results = self.publish_available(events, &destinations).await;
+        if let Some(reason) = results.iter().find_map(|r| match r {
+            Some(Err(PublishError::Fatal(reason))) => Some(reason.clone()),
+            _ => None,
+        }) {
+            // Nothing of this batch is recorded: it is given back whole, and the relay stops.
+            claim.release().await?;
+            self.halt_with(reason);
+            return Ok(BatchReport::default());
+        }
+        let (outcomes, recovered) = self.outcomes(events, &destinations, results);
         let report = claim.settle(&outcomes).await?;
-        if report.dead > 0 {
-            tracing::warn!(dead = report.dead, "events moved to the dead-letter state");
+        for destination in recovered {
+            self.release_recovered(&destination).await;
         }
         Ok(BatchReport {
             claimed,
             published: report.published,
             retried: report.retried,
+            deferred: report.deferred,
             dead: report.dead,
         })
     }
 
-    /// Calls the publisher bounded by the publish timeout; a timeout or a panic fails the whole
-    /// batch as retryable (some events may have been sent: at-least-once).
+    /// Publishes the events whose destination is up (or due for a probe) and that no earlier
+    /// event of their key waits for; the others get `None` (not sent).
+    async fn publish_available(
+        &self,
+        events: &[OutboxEvent],
+        destinations: &[String],
+    ) -> Vec<Option<PublishResult>> {
+        let now = Instant::now();
+        let paused: HashSet<&str> = {
+            let health = lock(&self.inner.destinations);
+            destinations
+                .iter()
+                .filter(|d| health.get(d.as_str()).is_some_and(|h| now < h.next_probe))
+                .map(String::as_str)
+                .collect()
+        };
+        if paused.is_empty() {
+            return self.publish(events).await.into_iter().map(Some).collect();
+        }
+        let mut held_keys: HashSet<OrderingKey<'_>> = HashSet::new();
+        let send: Vec<bool> = events
+            .iter()
+            .zip(destinations)
+            .map(|(event, destination)| {
+                let key = event.ordering_key();
+                if held_keys.contains(&key) || paused.contains(destination.as_str()) {
+                    held_keys.insert(key);
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+        let batch: Vec<OutboxEvent> = events
+            .iter()
+            .zip(&send)
+            .filter(|(_, send)| **send)
+            .map(|(e, _)| e.clone())
+            .collect();
+        let mut sent = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.publish(&batch).await
+        }
+        .into_iter();
+        send.iter()
+            .map(|send| if *send { sent.next() } else { None })
+            .collect()
+    }
+
+    /// Calls the publisher bounded by the publish timeout. A timeout is the destination's failure
+    /// (it stalls); a panic or a broken contract fails the batch as retryable (some events may
+    /// have been sent: at-least-once).
     async fn publish(&self, events: &[OutboxEvent]) -> Vec<PublishResult> {
         let options = &self.inner.options;
         let call = AssertUnwindSafe(self.inner.publisher.publish(events)).catch_unwind();
         let failure = match tokio::time::timeout(options.publish_timeout, call).await {
             Ok(Ok(results)) if results.len() == events.len() => return results,
-            Ok(Ok(results)) => format!(
+            Ok(Ok(results)) => PublishError::retryable(format!(
                 "publisher broke its contract: {} results for {} events",
                 results.len(),
                 events.len()
-            ),
-            Ok(Err(panic)) => format!("publisher panicked: {}", panic_message(&panic)),
-            Err(_) => format!(
+            )),
+            Ok(Err(panic)) => {
+                PublishError::retryable(format!("publisher panicked: {}", panic_message(&panic)))
+            }
+            Err(_) => PublishError::unavailable(format!(
                 "publish timed out after {:?} (relay.publish_timeout)",
                 options.publish_timeout
-            ),
+            )),
         };
-        tracing::warn!(events = events.len(), "{failure}");
-        vec![Err(PublishError::retryable(failure)); events.len()]
+        vec![Err(failure); events.len()]
     }
 
-    /// Turns publish results into outcomes. Within a key, only the first failed event counts an
-    /// attempt; the later ones were not really tried and are given back untouched (they stay
-    /// behind it through the claim's per-key check).
-    fn outcomes(&self, events: &[OutboxEvent], results: Vec<PublishResult>) -> Vec<Outcome> {
+    /// Turns publish results into outcomes, and updates the destinations' health. Within a key,
+    /// only the first event that failed or was held back gets an outcome that changes it; the
+    /// later ones were not tried and are given back untouched (they wait behind it). Returns the
+    /// destinations that came back in this batch.
+    fn outcomes(
+        &self,
+        events: &[OutboxEvent],
+        destinations: &[String],
+        results: Vec<Option<PublishResult>>,
+    ) -> (Vec<Outcome>, Vec<String>) {
         let options = &self.inner.options;
-        let mut failed_keys: HashSet<OrderingKey<'_>> = HashSet::new();
-        events
-            .iter()
-            .zip(results)
-            .map(|(event, result)| {
-                let key = event.ordering_key();
-                let earlier_failed = failed_keys.contains(&key);
-                match result {
-                    Ok(()) => {
-                        if earlier_failed {
-                            tracing::error!(
-                                id = %event.id,
-                                "publisher sent an event after an earlier event of its key failed; \
-                                 per-key order may be broken at the broker"
-                            );
-                        }
-                        Outcome::Published
+        let now = Instant::now();
+        let mut stopped_keys: HashSet<OrderingKey<'_>> = HashSet::new();
+        let mut failed_now: HashMap<&str, String> = HashMap::new();
+        let mut succeeded: HashSet<&str> = HashSet::new();
+        let hold_until = Utc::now() + to_chrono(options.backoff.max);
+        let mut outcomes = Vec::with_capacity(events.len());
+        for ((event, destination), result) in events.iter().zip(destinations).zip(results) {
+            let key = event.ordering_key();
+            let earlier_stopped = stopped_keys.contains(&key);
+            let outcome = match result {
+                Some(Ok(())) => {
+                    if earlier_stopped {
+                        tracing::error!(
+                            id = %event.id,
+                            key = %key,
+                            "publisher sent an event after an earlier event of its key failed; \
+                             per-key order may be broken at the broker"
+                        );
                     }
-                    Err(_) if earlier_failed => Outcome::Untouched,
-                    Err(error) => {
-                        failed_keys.insert(key);
-                        let attempts = u32::try_from(event.attempts).unwrap_or(0) + 1;
-                        match error {
-                            PublishError::Permanent(reason) => Outcome::Dead {
-                                error: format!("permanent failure: {reason}"),
-                            },
-                            PublishError::Retryable(reason)
-                            | PublishError::Unavailable(reason)
-                            | PublishError::Fatal(reason)
-                                if attempts >= options.max_attempts =>
-                            {
-                                Outcome::Dead {
-                                    error: format!(
-                                        "gave up after {attempts} attempts (relay.max_attempts): {reason}"
-                                    ),
-                                }
+                    succeeded.insert(destination);
+                    Outcome::Published
+                }
+                _ if earlier_stopped => Outcome::Untouched,
+                None => {
+                    stopped_keys.insert(key);
+                    let health = lock(&self.inner.destinations);
+                    let reason = health
+                        .get(destination.as_str())
+                        .map_or_else(String::new, |h| h.last_error.clone());
+                    Outcome::Deferred {
+                        error: format!("destination `{destination}` unavailable: {reason}"),
+                        destination: destination.clone(),
+                        not_before: hold_until,
+                    }
+                }
+                Some(Err(error)) => {
+                    stopped_keys.insert(key);
+                    let attempts = u32::try_from(event.attempts).unwrap_or(0) + 1;
+                    match error {
+                        PublishError::Unavailable(reason) | PublishError::Fatal(reason) => {
+                            failed_now
+                                .entry(destination)
+                                .or_insert_with(|| reason.clone());
+                            Outcome::Deferred {
+                                error: format!("destination `{destination}` unavailable: {reason}"),
+                                destination: destination.clone(),
+                                not_before: hold_until,
                             }
-                            PublishError::Retryable(reason)
-                            | PublishError::Unavailable(reason)
-                            | PublishError::Fatal(reason) => {
-                                let delay = options.backoff.delay(attempts);
-                                Outcome::Retry {
-                                    error: reason,
-                                    not_before: Utc::now()
-                                        + chrono::Duration::from_std(delay)
-                                            .unwrap_or(chrono::Duration::MAX),
-                                }
+                        }
+                        PublishError::Permanent(reason) => Outcome::Dead {
+                            error: format!("permanent failure: {reason}"),
+                        },
+                        PublishError::Retryable(reason) if attempts >= options.max_attempts => {
+                            Outcome::Dead {
+                                error: format!(
+                                    "gave up after {attempts} attempts (relay.max_attempts): {reason}"
+                                ),
                             }
+                        }
+                        PublishError::Retryable(reason) => Outcome::Retry {
+                            error: reason,
+                            not_before: Utc::now() + to_chrono(options.backoff.delay(attempts)),
+                        },
+                    }
+                }
+            };
+            self.log_outcome(event, destination, &outcome);
+            outcomes.push(outcome);
+        }
+        let mut recovered = Vec::new();
+        let mut health = lock(&self.inner.destinations);
+        for (destination, reason) in failed_now {
+            let probe = Backoff {
+                base: options.backoff.base,
+                max: options.destination_backoff_max,
+            };
+            match health.get_mut(destination) {
+                Some(h) => {
+                    h.failures = h.failures.saturating_add(1);
+                    h.next_probe = now + probe.delay(h.failures);
+                    h.last_error = reason;
+                }
+                None => {
+                    let next = probe.delay(1);
+                    tracing::warn!(
+                        destination,
+                        error = %reason,
+                        probe_in = ?next,
+                        "destination unavailable: holding its events (no attempt is counted) and probing it"
+                    );
+                    health.insert(
+                        destination.to_owned(),
+                        DestinationHealth {
+                            since: now,
+                            failures: 1,
+                            next_probe: now + next,
+                            last_error: reason,
+                        },
+                    );
+                }
+            }
+        }
+        for destination in succeeded {
+            if let Some(h) = health.remove(destination) {
+                tracing::info!(
+                    destination,
+                    down_for = ?h.since.elapsed(),
+                    "destination is back: releasing its held events"
+                );
+                recovered.push(destination.to_owned());
+            }
+        }
+        (outcomes, recovered)
+    }
+
+    /// Logs a retry, a deferral or a dead letter with the event's id, key, destination, attempt
+    /// and reason; past a budget per interval, only counted (the maintainer logs a summary).
+    fn log_outcome(&self, event: &OutboxEvent, destination: &str, outcome: &Outcome) {
+        let attempt = event.attempts + 1;
+        let key = event.ordering_key();
+        match outcome {
+            Outcome::Retry { error, not_before } => {
+                if self.inner.logs.retry.allow() {
+                    tracing::warn!(id = %event.id, %key, destination, attempt, %error, retry_at = %not_before, "event failed; will retry");
+                }
+            }
+            Outcome::Deferred { error, .. } => {
+                if self.inner.logs.deferred.allow() {
+                    tracing::info!(id = %event.id, %key, destination, %error, "event held until its destination is back (no attempt counted)");
+                }
+            }
+            Outcome::Dead { error } => {
+                if self.inner.logs.dead.allow() {
+                    match self.inner_dead_policy_blocks() {
+                        true => tracing::error!(id = %event.id, %key, destination, attempt, %error,
+                            "event dead-lettered; later events of its key wait until it is replayed or deleted"),
+                        false => {
+                            tracing::error!(id = %event.id, %key, destination, attempt, %error,
+                            "event dead-lettered; later events of its key continue (relay.dead_letter = \"continue\"): the key is out of order")
                         }
                     }
                 }
-            })
-            .collect()
+            }
+            Outcome::Published | Outcome::Untouched => {}
+        }
+    }
+
+    fn inner_dead_policy_blocks(&self) -> bool {
+        self.inner.store.dead_letter_holds_key()
+    }
+
+    /// Stops every loop of this relay: the publisher cannot go on.
+    fn halt_with(&self, reason: String) {
+        let mut fatal = lock(&self.inner.fatal);
+        if fatal.is_none() {
+            tracing::error!(error = %reason, "the publisher cannot continue; stopping the relay (the batch was given back unpublished)");
+            *fatal = Some(reason);
+        }
+        drop(fatal);
+        let _ = self.inner.halt.send(true);
+    }
+
+    async fn release_recovered(&self, destination: &str) {
+        match self.inner.store.release_held(destination, None).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(destination, released = n, "held events released"),
+            // The store's own timer releases them at the latest after relay.backoff_max.
+            Err(e) => {
+                tracing::warn!(destination, error = %e, "could not release held events; they come back by themselves")
+            }
+        }
     }
 
     async fn worker(&self, worker: usize, mut stop: watch::Receiver<bool>) {
         let options = &self.inner.options;
         let mut store_failures = 0u32;
         loop {
-            if *stop.borrow() {
+            if *stop.borrow() || *self.inner.halt.borrow() {
                 return;
             }
+            // Taken before the claim: a wake-up that arrives while it runs ends the wait below.
+            let mark = self.inner.store.wake_mark();
             match self.run_once().await {
                 Ok(report) if report.claimed > 0 => {
                     store_failures = 0;
@@ -495,7 +761,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 continue;
             }
             tokio::select! {
-                _ = self.inner.store.wait_for_events(options.poll_interval) => {}
+                _ = self.inner.store.wait_for_events(mark, options.poll_interval) => {}
                 _ = self.inner.more_work.notified() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
@@ -518,19 +784,187 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             < u64::try_from(self.inner.options.active_period.as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn purger(&self, mut stop: watch::Receiver<bool>) {
-        let interval = self.inner.options.purge_interval;
+    /// Housekeeping beside the workers: every second (or poll interval, if shorter) the store's
+    /// maintenance (expired backoffs come back, later events of blocked keys move out of the
+    /// claim's way), probes of the destinations that are down, summaries of what the log budget
+    /// left out; every `purge_interval` the retention of published events.
+    async fn maintainer(&self, mut stop: watch::Receiver<bool>) {
+        let options = &self.inner.options;
+        let tick = options.poll_interval.min(MAINTENANCE_TICK);
+        let mut last_purge = Instant::now();
+        let mut last_adopt: Option<Instant> = None;
+        let mut halted = self.inner.halt.subscribe();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(tick) => {}
                 _ = stop.wait_for(|s| *s) => return,
+                _ = halted.wait_for(|h| *h) => return,
             }
-            match self.inner.store.purge_published().await {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(removed = n, "purged published events past retention"),
-                Err(e) => tracing::warn!(error = %e, "purging published events failed; will retry"),
+            if let Err(e) = self.inner.store.maintain().await {
+                tracing::warn!(error = %e, "relay maintenance failed; will retry");
+            }
+            if last_adopt.is_none_or(|t| t.elapsed() >= ADOPT_INTERVAL) {
+                last_adopt = Some(Instant::now());
+                self.adopt_held_destinations().await;
+            }
+            self.probe_destinations().await;
+            self.inner.logs.summarize();
+            if last_purge.elapsed() >= options.purge_interval {
+                last_purge = Instant::now();
+                match self.inner.store.purge_published().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "purged published events past retention"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "purging published events failed; will retry")
+                    }
+                }
             }
         }
+    }
+
+    /// Destinations with held events that this relay does not know to be down (another process
+    /// held them, or this one restarted) are probed like its own.
+    async fn adopt_held_destinations(&self) {
+        let held = match self.inner.store.held_destinations().await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not list held destinations");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut health = lock(&self.inner.destinations);
+        for destination in held {
+            health
+                .entry(destination)
+                .or_insert_with(|| DestinationHealth {
+                    since: now,
+                    failures: 0,
+                    next_probe: now,
+                    last_error: "events were held for it before this relay looked".into(),
+                });
+        }
+    }
+
+    /// A destination whose probe is due gets one of its held events released: the claim that
+    /// takes it sends it (the probe). Success releases the rest; failure backs the probe off.
+    async fn probe_destinations(&self) {
+        let now = Instant::now();
+        let due: Vec<String> = lock(&self.inner.destinations)
+            .iter()
+            .filter(|(_, h)| h.next_probe <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for destination in due {
+            match self.inner.store.release_held(&destination, Some(1)).await {
+                Ok(0) => {
+                    // Nothing held any more (released elsewhere): forget it unless it fails again.
+                    let mut health = lock(&self.inner.destinations);
+                    if health.get(&destination).is_some_and(|h| h.failures == 0) {
+                        health.remove(&destination);
+                    }
+                }
+                Ok(_) => {
+                    let mut health = lock(&self.inner.destinations);
+                    if let Some(h) = health.get_mut(&destination) {
+                        // Until the probe's own result comes, do not release another one.
+                        let probe = Backoff {
+                            base: self.inner.options.backoff.base,
+                            max: self.inner.options.destination_backoff_max,
+                        };
+                        h.next_probe = now + probe.delay(h.failures.max(1));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(destination, error = %e, "could not release a probe event")
+                }
+            }
+        }
+    }
+}
+
+/// How often the maintainer runs at most (the poll interval, when shorter).
+const MAINTENANCE_TICK: Duration = Duration::from_secs(1);
+/// How often the maintainer looks for destinations that other relays held events for.
+const ADOPT_INTERVAL: Duration = Duration::from_secs(10);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (plain maps and options).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Per-kind log budgets: a burst of failures (an outage of a busy destination) logs the first
+/// lines of each interval one by one and then a count, not a line per event.
+#[derive(Default)]
+struct LogBudgets {
+    retry: LogBudget,
+    deferred: LogBudget,
+    dead: LogBudget,
+}
+
+impl LogBudgets {
+    fn summarize(&self) {
+        for (what, budget) in [
+            ("retries", &self.retry),
+            ("held events", &self.deferred),
+            ("dead letters", &self.dead),
+        ] {
+            if let Some((suppressed, window)) = budget.roll() {
+                tracing::warn!(
+                    suppressed,
+                    ?window,
+                    "{suppressed} more {what} in the last {window:?} were not logged one by one"
+                );
+            }
+        }
+    }
+}
+
+/// Lines allowed per window, and what was suppressed in the current one.
+struct LogBudget {
+    window_start: Mutex<Instant>,
+    logged: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self {
+            window_start: Mutex::new(Instant::now()),
+            logged: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+}
+
+const LOG_LINES_PER_WINDOW: u64 = 20;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+impl LogBudget {
+    fn allow(&self) -> bool {
+        if self.logged.fetch_add(1, Ordering::Relaxed) < LOG_LINES_PER_WINDOW {
+            true
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Starts a new window when the current one is over; returns what it suppressed.
+    fn roll(&self) -> Option<(u64, Duration)> {
+        let mut start = lock(&self.window_start);
+        let window = start.elapsed();
+        if window < LOG_WINDOW {
+            return None;
+        }
+        *start = Instant::now();
+        self.logged.store(0, Ordering::Relaxed);
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        (suppressed > 0).then_some((suppressed, window))
     }
 }
 

@@ -11,6 +11,15 @@
 //!   outlived the store's bound and another relay may own the events now: fencing).
 //! - [`Claim::release`] and dropping a claim give its events back unchanged.
 //! - A claim's hold is bounded in time by the store, even if the relay holding it hangs or dies.
+//! - A claim fills its batch from keys whose whole undelivered prefix it can hold now: events of
+//!   keys held by another claim never take a place in it, so an empty claim means that nothing is
+//!   deliverable by this relay right now (not that everything it looked at was filtered).
+//! - A claim's cost is bounded by its batch, not by the events that wait (in backoff, for a
+//!   destination, or behind a dead event): the store keeps those out of the claim's way and brings
+//!   them back in [`Store::maintain`], [`Store::release_held`] and when their key moves again.
+//! - A claim's memory is bounded: the store stops adding events once the batch's payloads reach its
+//!   byte budget (a claim always takes at least one event), and never loads an event larger than
+//!   its event limit — it dead-letters it with the reason instead.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -25,6 +34,13 @@ pub enum Outcome {
     /// Failed, may succeed later: count the attempt and make it due again at `not_before`.
     Retry {
         error: String,
+        not_before: DateTime<Utc>,
+    },
+    /// The destination was unavailable: wait for it until `not_before` at the latest (it may be
+    /// released earlier by [`Store::release_held`]), **without** counting an attempt.
+    Deferred {
+        error: String,
+        destination: String,
         not_before: DateTime<Utc>,
     },
     /// Failed for good, or out of attempts: move to the dead-letter state with the reason.
@@ -63,7 +79,24 @@ pub trait Claim: Send {
 pub struct SettleReport {
     pub published: u64,
     pub retried: u64,
+    pub deferred: u64,
     pub dead: u64,
+}
+
+/// A point in the sequence of wake-ups of a store, taken before a claim: waiting "since" it returns
+/// at once when a wake-up arrived meanwhile, so a wake-up during an empty claim is never lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WakeMark(pub u64);
+
+/// What one round of [`Store::maintain`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Maintenance {
+    /// Events whose backoff (or destination hold) ran out, made deliverable again.
+    pub due: u64,
+    /// Later events of blocked keys moved out of the claim's way.
+    pub parked: u64,
+    /// Waiting events whose key is no longer blocked (e.g. its dead event was removed by hand).
+    pub unblocked: u64,
 }
 
 /// Where the relay claims events from.
@@ -74,13 +107,51 @@ pub trait Store: Send + Sync + 'static {
     /// Claims up to `limit` deliverable events; an empty claim when there are none.
     async fn claim(&self, limit: usize) -> Result<Self::Claim, StoreError>;
 
-    /// Waits until new events may be deliverable or `timeout` passes, whichever is first. Spurious
-    /// wake-ups are allowed; the relay then finds nothing and waits again.
-    async fn wait_for_events(&self, timeout: std::time::Duration);
+    /// The current wake-up mark; take it before a claim and wait with it after an empty one.
+    fn wake_mark(&self) -> WakeMark;
+
+    /// Waits until new events may be deliverable (a wake-up after `since`) or `timeout` passes,
+    /// whichever is first. Spurious wake-ups are allowed; the relay then finds nothing and waits
+    /// again.
+    async fn wait_for_events(&self, since: WakeMark, timeout: std::time::Duration);
+
+    /// Wakes this process's waiting workers (e.g. after maintenance made events deliverable).
+    fn wake(&self) {}
+
+    /// Whether a dead event holds back the later events of its key (the default policy), so that
+    /// the relay can say so when it dead-letters one.
+    fn dead_letter_holds_key(&self) -> bool {
+        true
+    }
 
     /// Housekeeping run periodically by the relay (retention of published events). Returns how many
     /// rows it removed.
     async fn purge_published(&self) -> Result<u64, StoreError> {
         Ok(0)
+    }
+
+    /// Frequent, cheap housekeeping: makes events whose backoff ran out deliverable again and keeps
+    /// the later events of blocked keys out of the claim's way. Wakes the workers when it made
+    /// something deliverable.
+    async fn maintain(&self) -> Result<Maintenance, StoreError> {
+        Ok(Maintenance::default())
+    }
+
+    /// Makes events deferred for `destination` deliverable again: at most `limit` of them (oldest
+    /// first; `None` for all), e.g. one to probe a destination, all when it is back. Returns how
+    /// many.
+    async fn release_held(
+        &self,
+        destination: &str,
+        limit: Option<usize>,
+    ) -> Result<u64, StoreError> {
+        let _ = (destination, limit);
+        Ok(0)
+    }
+
+    /// The destinations that have deferred events waiting, so that a relay which did not see the
+    /// outage (another process, or this one after a restart) probes them too.
+    async fn held_destinations(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
     }
 }

@@ -32,6 +32,9 @@ fn fast_options() -> RelayOptions {
     }
 }
 
+/// Whether a relay currently asks producers to NOTIFY (what their trigger reads).
+const WANTED: &str = "SELECT last_value > (extract(epoch FROM clock_timestamp()) * 1000)::bigint FROM outbox_wakeup_wanted_ms";
+
 async fn store(db: &TestDb, options: PgStoreOptions) -> PgStore {
     PgStore::new(db.pool.clone(), options).await.unwrap()
 }
@@ -195,8 +198,12 @@ async fn exhausted_and_permanent_failures_dead_letter_with_the_reason() {
     publisher.fail(flaky, Fault::Retryable(100));
     let mut options = fast_options();
     options.max_attempts = 3;
+    let continue_past_dead = PgStoreOptions {
+        dead_letter: DeadLetterPolicy::Continue,
+        ..PgStoreOptions::default()
+    };
     let relay = Relay::new(
-        store(&db, PgStoreOptions::default()).await,
+        store(&db, continue_past_dead).await,
         publisher.clone(),
         options,
     );
@@ -231,7 +238,7 @@ async fn exhausted_and_permanent_failures_dead_letter_with_the_reason() {
         "{}",
         dead[&flaky].1
     );
-    // Default policy: the key of a dead event keeps flowing.
+    // `continue`: the key of a dead event keeps flowing.
     assert!(publisher.published().iter().any(|e| e.id == after_poison));
 
     // An operator replays the dead events; now they go through.
@@ -419,7 +426,8 @@ async fn a_hung_claim_is_ended_by_the_bound_and_fenced() {
     db.drop_db().await.unwrap();
 }
 
-/// A broker that hangs is cut off by the publish timeout: the batch is retried, not stuck.
+/// A broker that hangs is cut off by the publish timeout: its events are held for the
+/// destination (a stall is the destination's failure: no attempt is counted), not stuck.
 #[tokio::test]
 async fn a_hanging_publisher_is_bounded_by_the_publish_timeout() {
     let db = TestDb::new().await.unwrap();
@@ -435,13 +443,25 @@ async fn a_hanging_publisher_is_bounded_by_the_publish_timeout() {
     let started = Instant::now();
     let report = relay.run_once().await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(report.retried, 1, "the key's head is charged the attempt");
-    let error: String =
-        sqlx::query_scalar("SELECT last_error FROM outbox_event WHERE attempts = 1")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    assert_eq!(
+        report.deferred, 1,
+        "the key's head is held for the destination"
+    );
+    assert_eq!(report.retried, 0);
+    let row = sqlx::query(
+        "SELECT last_error, attempts, held_for FROM outbox_event WHERE status = 'parked' AND held_for IS NOT NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let error: String = row.get(0);
     assert!(error.contains("relay.publish_timeout"), "{error}");
+    assert_eq!(
+        row.get::<i32, _>(1),
+        0,
+        "a stalled destination costs no attempt"
+    );
+    assert_eq!(row.get::<String, _>(2), "default");
     db.drop_db().await.unwrap();
 }
 
@@ -496,7 +516,7 @@ async fn wakes_on_commit_instead_of_waiting_for_the_poll_interval() {
     assert!(woke, "the relay did not wake on NOTIFY");
 
     // The request for notifications is what producers' trigger reads.
-    let wanted: bool = sqlx::query_scalar("SELECT wanted_until > now() FROM outbox_relay_wakeup")
+    let wanted: bool = sqlx::query_scalar(WANTED)
         .fetch_one(&db.pool)
         .await
         .unwrap();
@@ -555,12 +575,10 @@ async fn a_relay_under_load_stops_asking_producers_to_notify() {
     );
     let handle = relay.spawn();
     let wanted = || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT coalesce(bool_or(wanted_until > now()), false) FROM outbox_relay_wakeup",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
+        sqlx::query_scalar::<_, bool>(WANTED)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
     };
     assert!(
         wait_until(Duration::from_secs(5), &wanted).await,
@@ -660,6 +678,496 @@ async fn stop_finishes_the_in_flight_batch_and_claims_nothing_more() {
         remaining(&db).await,
         90,
         "published events are recorded, the rest stay"
+    );
+    db.drop_db().await.unwrap();
+}
+
+// ---- Claim liveness, wake-ups and claim cost (issue 9, section 0) ----
+
+/// Inserts rows by plain SQL: `(aggregate_type, aggregate_id, event_type)` in this order.
+async fn insert_rows(db: &TestDb, rows: &[(&str, String, &str)]) {
+    let mut tx = db.pool.begin().await.unwrap();
+    for (t, id, event_type) in rows {
+        sqlx::query(
+            "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ($1, $2, $3, '{}')",
+        )
+        .bind(t)
+        .bind(id)
+        .bind(event_type)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// A relay frozen while it holds the heads of 100 keys (its broker stalled) must not keep a second
+/// relay from 100 deliverable events of other keys, even though the next 100 rows in seq order all
+/// belong to the held keys; and a drain behind it publishes every deliverable event.
+#[tokio::test]
+async fn a_frozen_relay_holding_a_claim_does_not_stall_other_keys() {
+    let db = TestDb::new().await.unwrap();
+    let mut rows = Vec::new();
+    for round in ["First", "Second"] {
+        for k in 0..100 {
+            rows.push(("held", format!("o{k}"), round));
+        }
+    }
+    for k in 0..100 {
+        rows.push(("other", format!("k{k}"), "Deliverable"));
+    }
+    insert_rows(&db, &rows).await;
+    let options = PgStoreOptions {
+        notify: false,
+        ..PgStoreOptions::default()
+    };
+    let frozen = store(&db, options.clone()).await;
+    let held = frozen.claim(100).await.unwrap();
+    assert_eq!(held.events().len(), 100);
+    assert!(held.events().iter().all(|e| e.aggregate_type == "held"));
+
+    let second = store(&db, options.clone()).await;
+    let claim = second.claim(100).await.unwrap();
+    assert_eq!(
+        claim.events().len(),
+        100,
+        "the second relay must fill its batch from keys nobody holds"
+    );
+    assert!(claim.events().iter().all(|e| e.aggregate_type == "other"));
+    claim.release().await.unwrap();
+
+    let publisher = MemoryPublisher::new();
+    let relay = Relay::new(store(&db, options).await, publisher.clone(), fast_options());
+    let report = relay.drain().await.unwrap();
+    assert_eq!(
+        report.published, 100,
+        "a drain behind a held claim publishes the rest"
+    );
+    assert!(publisher
+        .published()
+        .iter()
+        .all(|e| e.aggregate_type == "other"));
+
+    held.release().await.unwrap();
+    let report = relay.drain().await.unwrap();
+    assert_eq!(report.published, 200, "the held keys follow once released");
+    assert!(order_violations(&publisher.published()).is_empty());
+    db.drop_db().await.unwrap();
+}
+
+/// A wake-up that arrives while a claim finds nothing (here: right after it) ends the next wait at
+/// once instead of being thrown away for a whole poll interval.
+#[tokio::test]
+async fn a_wake_up_during_an_empty_claim_is_not_lost() {
+    let db = TestDb::new().await.unwrap();
+    let store = store(&db, PgStoreOptions::default()).await;
+    // The first wait returns at once to ask producers for notifications; from now on it waits.
+    store
+        .wait_for_events(store.wake_mark(), Duration::from_millis(10))
+        .await;
+
+    let mark = store.wake_mark();
+    let claim = store.claim(10).await.unwrap();
+    assert!(claim.events().is_empty());
+    claim.release().await.unwrap();
+    store.wake(); // what a NOTIFY received during the claim does
+    let waited = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.wait_for_events(mark, Duration::from_secs(30)),
+    )
+    .await;
+    assert!(waited.is_ok(), "the wake-up during the claim was lost");
+    db.drop_db().await.unwrap();
+}
+
+/// A producer in a REPEATABLE READ transaction whose snapshot predates the relay's request for
+/// notifications still wakes it (the request is read outside MVCC).
+#[tokio::test]
+async fn repeatable_read_producers_wake_a_waiting_relay() {
+    let db = TestDb::new().await.unwrap();
+    let mut producer = db.pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *producer)
+        .await
+        .unwrap();
+    sqlx::query("SELECT count(*) FROM outbox_event") // the snapshot is taken here
+        .execute(&mut *producer)
+        .await
+        .unwrap();
+
+    let publisher = MemoryPublisher::new();
+    let mut options = fast_options();
+    options.poll_interval = Duration::from_secs(30);
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        options,
+    );
+    let handle = relay.spawn();
+    let wanted = || async {
+        sqlx::query_scalar::<_, bool>(WANTED)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert!(wait_until(Duration::from_secs(5), wanted).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    Outbox::new(Schema::default())
+        .enqueue(&mut producer, NewEvent::new("a", "1", "FromRepeatableRead"))
+        .await
+        .unwrap();
+    producer.commit().await.unwrap();
+    let woke = wait_until(Duration::from_secs(5), || async { publisher.count() == 1 }).await;
+    handle.stop().await.unwrap();
+    assert!(woke, "a REPEATABLE READ producer did not wake the relay");
+    db.drop_db().await.unwrap();
+}
+
+/// An event whose backoff runs out is retried within about a second, not at the next poll.
+#[tokio::test]
+async fn an_expired_backoff_is_retried_without_waiting_for_the_poll() {
+    let db = TestDb::new().await.unwrap();
+    let id = Outbox::new(Schema::default())
+        .enqueue(
+            &mut *db.pool.acquire().await.unwrap(),
+            NewEvent::new("a", "1", "Flaky"),
+        )
+        .await
+        .unwrap();
+    let publisher = MemoryPublisher::new();
+    publisher.fail(id, Fault::Retryable(1));
+    let mut options = fast_options();
+    options.poll_interval = Duration::from_secs(30);
+    options.active_period = Duration::from_millis(100);
+    options.backoff = Backoff {
+        base: Duration::from_millis(1500),
+        max: Duration::from_secs(2),
+    };
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        options,
+    );
+    let handle = relay.spawn();
+    let published = wait_until(Duration::from_secs(8), || async { publisher.count() == 1 }).await;
+    handle.stop().await.unwrap();
+    assert!(published, "the retry waited for the 30 s poll");
+    db.drop_db().await.unwrap();
+}
+
+/// The most buffers any node of a claim's plan touched (the top node counts its children).
+fn claim_buffers(plan: &serde_json::Value) -> u64 {
+    fn walk(node: &serde_json::Value, most: &mut u64) {
+        let get = |k: &str| node.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        *most = (*most).max(get("Shared Hit Blocks") + get("Shared Read Blocks"));
+        if let Some(children) = node.get("Plans").and_then(|p| p.as_array()) {
+            for child in children {
+                walk(child, most);
+            }
+        }
+    }
+    let mut most = 0;
+    walk(&plan[0]["Plan"], &mut most);
+    most
+}
+
+/// One line per plan node: type, index, rows, buffers (for the failure message).
+fn plan_summary(plan: &serde_json::Value) -> String {
+    fn walk(node: &serde_json::Value, depth: usize, out: &mut String) {
+        let get = |k: &str| node.get(k).map(|v| v.to_string()).unwrap_or_default();
+        out.push_str(&format!(
+            "\n{}{} {} {} rows={} loops={} hit={} read={}",
+            "  ".repeat(depth),
+            get("Node Type"),
+            get("Index Name"),
+            get("Subplan Name"),
+            get("Actual Rows"),
+            get("Actual Loops"),
+            get("Shared Hit Blocks"),
+            get("Shared Read Blocks")
+        ));
+        if let Some(children) = node.get("Plans").and_then(|p| p.as_array()) {
+            for child in children {
+                walk(child, depth + 1, out);
+            }
+        }
+    }
+    let mut out = String::new();
+    walk(&plan[0]["Plan"], 0, &mut out);
+    out
+}
+
+/// The buffers a claim of `FRESH` new events touches when `keys` keys with 100 events each wait
+/// at the front of the outbox (their first event in backoff, put there by the relay itself).
+async fn claim_buffers_behind_waiting_keys(keys: usize) -> (u64, String) {
+    const FRESH: usize = 50;
+    let options = PgStoreOptions {
+        notify: false,
+        ..PgStoreOptions::default()
+    };
+    let db = TestDb::new().await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload)
+         SELECT 'blocked', 'b' || (g % $1), 'Blocked', '{}' FROM generate_series(0, $1 * 100 - 1) g",
+    )
+    .bind(i64::try_from(keys).unwrap())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let publisher = MemoryPublisher::new();
+    publisher.fail_event_type("Blocked", Fault::Retryable(u32::MAX));
+    let mut relay_options = fast_options();
+    relay_options.batch_size = 100;
+    relay_options.max_attempts = 100;
+    relay_options.backoff = Backoff {
+        base: Duration::from_secs(3600),
+        max: Duration::from_secs(3600),
+    };
+    let relay = Relay::new(store(&db, options.clone()).await, publisher, relay_options);
+    let report = relay.drain().await.unwrap();
+    assert_eq!(
+        report.retried as usize, keys,
+        "every blocked key's head is in backoff"
+    );
+    let fresh: Vec<(&str, String, &str)> = (0..FRESH)
+        .map(|k| ("fresh", format!("f{k}"), "Fresh"))
+        .collect();
+    insert_rows(&db, &fresh).await;
+    relay.store().maintain().await.unwrap();
+    // What autovacuum does in production (it is off on the test server).
+    sqlx::query("VACUUM ANALYZE outbox_event")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_event WHERE aggregate_type = 'blocked' AND status <> 'published'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(waiting as usize, keys * 100);
+    let claimer = store(&db, options).await;
+    let plan = claimer.explain_claim(FRESH).await.unwrap();
+    let claim = claimer.claim(FRESH).await.unwrap();
+    assert_eq!(claim.events().len(), FRESH);
+    assert!(claim.events().iter().all(|e| e.aggregate_type == "fresh"));
+    claim.release().await.unwrap();
+    db.drop_db().await.unwrap();
+    (claim_buffers(&plan), plan_summary(&plan))
+}
+
+/// A claim costs what its batch costs, not what waits: claiming 50 fresh events behind 200,000
+/// waiting events (2,000 keys whose first event is in backoff, 99 more behind each) touches about
+/// as many buffers as behind 20,000. Measured in buffers, not time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_cost_stays_flat_with_200k_events_waiting() {
+    let (small, _) = claim_buffers_behind_waiting_keys(200).await;
+    let (large, plan) = claim_buffers_behind_waiting_keys(2000).await;
+    assert!(
+        large <= small * 2,
+        "a claim behind 200k waiting events touched {large} buffers, behind 20k {small}:{plan}"
+    );
+}
+
+// ---- Destination outages are not event failures (issue 9, section 1) ----
+
+/// With the broker down for 10× the whole attempt budget while producers keep committing, nothing
+/// is dead-lettered, nothing is lost, every key stays in order, and the backlog drains within
+/// seconds of the broker's return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_outage_longer_than_the_attempt_budget_dead_letters_nothing() {
+    let db = TestDb::new().await.unwrap();
+    let publisher = MemoryPublisher::new();
+    publisher.set_outage(Some("connection refused"));
+    let mut options = fast_options(); // 5 attempts over ~0.3 s of backoff
+    options.destination_backoff_max = Duration::from_millis(300);
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        options,
+    );
+    let handle = relay.spawn();
+    let outbox = Outbox::new(Schema::default());
+    let started = Instant::now();
+    let mut committed = 0u64;
+    while started.elapsed() < Duration::from_secs(3) {
+        let mut tx = db.pool.begin().await.unwrap();
+        for k in 0..5 {
+            outbox
+                .enqueue(&mut tx, NewEvent::new("order", format!("k{k}"), "Placed"))
+                .await
+                .unwrap();
+            committed += 1;
+        }
+        tx.commit().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dead_during: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = 'dead'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let charged: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(attempts), 0)::bigint FROM outbox_event")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let probes = publisher.calls_while_down();
+    publisher.set_outage(None);
+    let drained = wait_until(Duration::from_secs(10), || async {
+        publisher.count() == committed
+    })
+    .await;
+    handle.stop().await.unwrap();
+    assert_eq!(dead_during, 0, "an outage dead-lettered events");
+    assert_eq!(charged, 0, "an outage charged attempts to events");
+    assert!(
+        probes < 100,
+        "the relay should probe a down destination, not send every event to it ({probes} calls)"
+    );
+    assert!(
+        drained,
+        "published {} of {committed} after recovery",
+        publisher.count()
+    );
+    assert_eq!(remaining(&db).await, 0);
+    assert!(order_violations(&publisher.published()).is_empty());
+    db.drop_db().await.unwrap();
+}
+
+/// Two destinations behind one publisher: while one is down, the other keeps flowing, and the
+/// down one's events are held for it (no attempt) until it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_destination_down_does_not_hold_back_another() {
+    #[derive(Clone)]
+    struct TwoBrokers {
+        up: MemoryPublisher,
+        down: MemoryPublisher,
+    }
+    #[async_trait::async_trait]
+    impl Publisher for TwoBrokers {
+        async fn publish(&self, batch: &[outbox::OutboxEvent]) -> Vec<outbox::PublishResult> {
+            let mut results = Vec::new();
+            for event in batch {
+                let broker = if event.aggregate_type == "audit" {
+                    &self.down
+                } else {
+                    &self.up
+                };
+                results.extend(broker.publish(std::slice::from_ref(event)).await);
+            }
+            results
+        }
+        fn destination_of(&self, event: &outbox::OutboxEvent) -> String {
+            event.aggregate_type.clone()
+        }
+    }
+    let db = TestDb::new().await.unwrap();
+    let mut rows = Vec::new();
+    for i in 0..50 {
+        rows.push(("audit", format!("a{}", i % 5), "Audited"));
+        rows.push(("order", format!("o{}", i % 5), "Placed"));
+    }
+    insert_rows(&db, &rows).await;
+    let brokers = TwoBrokers {
+        up: MemoryPublisher::new(),
+        down: MemoryPublisher::new(),
+    };
+    brokers.down.set_outage(Some("queue does not exist"));
+    let relay = Relay::new(
+        store(&db, PgStoreOptions::default()).await,
+        brokers.clone(),
+        fast_options(),
+    );
+    let handle = relay.spawn();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            brokers.up.count() == 50
+        })
+        .await,
+        "the healthy destination was held back"
+    );
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_event WHERE held_for = 'audit' AND attempts = 0",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(held > 0, "the down destination's events are held for it");
+    assert_eq!(brokers.down.count(), 0);
+    brokers.down.set_outage(None);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            brokers.down.count() == 50
+        })
+        .await,
+        "the destination's events follow once it is back"
+    );
+    handle.stop().await.unwrap();
+    assert_eq!(remaining(&db).await, 0);
+    assert!(order_violations(&brokers.down.published()).is_empty());
+    db.drop_db().await.unwrap();
+}
+
+// ---- Bounded memory (issue 9, section 2) ----
+
+/// A claim stops at its byte budget (always taking one event), and an event larger than the
+/// event limit is dead-lettered with the reason without being loaded; its key waits behind it.
+#[tokio::test]
+async fn a_claim_stops_at_its_byte_budget_and_refuses_oversized_events() {
+    let db = TestDb::new().await.unwrap();
+    let blob = |bytes: usize| serde_json::json!({ "blob": "x".repeat(bytes) }).to_string();
+    let insert = |t: &'static str, id: String, payload: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload)
+                 VALUES ($1, $2, 'Big', $3::jsonb)",
+            )
+            .bind(t)
+            .bind(id)
+            .bind(payload)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    insert("huge", "h".into(), blob(2_000_000)).await;
+    insert("huge", "h".into(), blob(10)).await;
+    for k in 0..10 {
+        insert("big", format!("b{k}"), blob(300_000)).await;
+    }
+    let options = PgStoreOptions {
+        notify: false,
+        max_batch_bytes: 1_000_000,
+        max_event_bytes: 1_000_000,
+        ..PgStoreOptions::default()
+    };
+    let store = store(&db, options).await;
+    let claim = store.claim(100).await.unwrap();
+    let kinds: Vec<&str> = claim
+        .events()
+        .iter()
+        .map(|e| e.aggregate_type.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["big"; 4],
+        "four 300 kB events fit a 1 MB budget (the fourth starts below it); the huge key waits"
+    );
+    claim.release().await.unwrap();
+    let (status, error): (String, String) = sqlx::query_as(
+        "SELECT status, last_error FROM outbox_event WHERE aggregate_type = 'huge' ORDER BY seq LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "dead");
+    assert!(
+        error.contains("max_payload_bytes") && error.contains("not loaded"),
+        "{error}"
     );
     db.drop_db().await.unwrap();
 }

@@ -18,11 +18,18 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first. Never edit a released one: add a new version.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "outbox_event table, indexes, id function, wake-up trigger",
-    template: include_str!("migrations/0001_outbox_event.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "outbox_event table, indexes, id function, wake-up trigger",
+        template: include_str!("migrations/0001_outbox_event.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "parked events, destination holds, snapshot-proof wake-up",
+        template: include_str!("migrations/0002_claim_parking.sql"),
+    },
+];
 
 /// Arbitrary constant that namespaces the outbox's advisory locks.
 pub(crate) const LOCK_CLASS: i32 = 0x6f75_7462; // "outb"
