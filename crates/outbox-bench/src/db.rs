@@ -11,7 +11,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 pub enum Wakeup {
     /// Trigger dropped: producers never look at the wake-up flag.
     Dropped,
-    /// Trigger installed, no relay waiting (`wanted_until` in the past): the normal busy case.
+    /// Trigger installed, no relay waiting (its request in the past): the normal busy case.
     NotWanted,
     /// Trigger installed and a relay waiting forever: every producer transaction NOTIFYs.
     Forced,
@@ -120,7 +120,7 @@ impl BenchDb {
         sqlx::query("TRUNCATE outbox_event, bench_order")
             .execute(&self.pool)
             .await?;
-        sqlx::query("DELETE FROM outbox_relay_wakeup")
+        sqlx::query("SELECT setval('outbox_wakeup_wanted_ms', 0)")
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -179,18 +179,12 @@ impl BenchDb {
                         .execute(&self.pool)
                         .await?;
                 }
-                let until = if mode == Wakeup::Forced {
-                    "infinity"
-                } else {
-                    "-infinity"
-                };
-                sqlx::query(
-                    "INSERT INTO outbox_relay_wakeup (singleton, wanted_until) VALUES (true, $1::timestamptz)
-                     ON CONFLICT (singleton) DO UPDATE SET wanted_until = EXCLUDED.wanted_until",
-                )
-                .bind(until)
-                .execute(&self.pool)
-                .await?;
+                // The relays' request for NOTIFY: milliseconds since the epoch (see migration 2).
+                let until: i64 = if mode == Wakeup::Forced { i64::MAX } else { 0 };
+                sqlx::query("SELECT setval('outbox_wakeup_wanted_ms', $1)")
+                    .bind(until)
+                    .execute(&self.pool)
+                    .await?;
             }
         }
         Ok(())

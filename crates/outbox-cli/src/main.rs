@@ -311,7 +311,15 @@ async fn status(config: &Config, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&status)?);
     } else {
         println!("pending                     {}", status.pending);
-        println!("  of which retrying         {}", status.retrying);
+        println!("  retrying (backoff)        {}", status.retrying);
+        println!("  held for a destination    {}", status.held);
+        for (destination, n) in &status.held_by_destination {
+            println!("    {destination:<23} {n}");
+        }
+        println!("  behind an earlier event   {}", status.blocked);
+        if let Some(key) = &status.oldest_blocked_key {
+            println!("    oldest blocked key      {key}");
+        }
         println!("dead                        {}", status.dead);
         println!("published (retained)        {}", status.published_retained);
         println!(

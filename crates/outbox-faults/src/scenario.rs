@@ -46,7 +46,7 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
 
 /// Undelivered events in the outbox (pending, in backoff included).
 pub async fn pending(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = 'pending'")
+    sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status IN ('pending', 'parked')")
         .fetch_one(pool)
         .await
         .unwrap_or(-1)

@@ -218,7 +218,7 @@ const RELAY_GRANTS: &str = "
     GRANT CONNECT ON DATABASE {db} TO {role};
     GRANT USAGE ON SCHEMA public TO {role};
     GRANT SELECT, UPDATE, DELETE ON public.outbox_event TO {role};
-    GRANT SELECT, INSERT, UPDATE ON public.outbox_relay_wakeup TO {role};
+    GRANT SELECT, UPDATE ON SEQUENCE public.outbox_wakeup_wanted_ms TO {role};
     GRANT SELECT ON public.outbox_schema_version TO {role};
 ";
 

@@ -156,6 +156,7 @@ fn diff(after: &RelaySnapshot, before: &RelaySnapshot) -> RelaySnapshot {
         batches: after.batches - before.batches,
         published: after.published - before.published,
         retried: after.retried - before.retried,
+        deferred: after.deferred - before.deferred,
         dead: after.dead - before.dead,
         claims_lost: after.claims_lost - before.claims_lost,
         store_errors: after.store_errors - before.store_errors,

@@ -9,16 +9,24 @@ use super::schema::Schema;
 /// The outbox at a glance (`outbox status --json`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Status {
-    /// Events not yet published (including those waiting in backoff).
+    /// Events not yet published (deliverable, waiting in backoff, held or blocked: all below).
     pub pending: i64,
-    /// Pending events waiting in backoff after a failed attempt.
+    /// Pending events waiting out a backoff after a failed attempt.
     pub retrying: i64,
+    /// Pending events held because their destination was unavailable (no attempt counted).
+    pub held: i64,
+    /// Pending events waiting behind an earlier event of their key (in backoff, held, or dead).
+    pub blocked: i64,
     /// Dead-lettered events waiting for an operator.
     pub dead: i64,
     /// Published events kept for the retention period.
     pub published_retained: i64,
     /// Age of the oldest pending event; 0 when there is none.
     pub oldest_pending_age_seconds: f64,
+    /// The key of the oldest event that waits behind another event of its key, if any.
+    pub oldest_blocked_key: Option<String>,
+    /// Per destination that events are held for: how many.
+    pub held_by_destination: std::collections::BTreeMap<String, i64>,
 }
 
 pub async fn status(pool: &PgPool, schema: &Schema) -> Result<Status, sqlx::Error> {
@@ -26,21 +34,39 @@ pub async fn status(pool: &PgPool, schema: &Schema) -> Result<Status, sqlx::Erro
     // Separate sub-selects so each can use its partial index instead of one full scan.
     let row = sqlx::query(&format!(
         "SELECT
-             (SELECT count(*) FROM {t} WHERE status = 'pending'),
-             (SELECT count(*) FROM {t} WHERE status = 'pending' AND attempts > 0),
+             (SELECT count(*) FROM {t} WHERE status IN ('pending', 'parked')),
+             (SELECT count(*) FROM {t} WHERE status = 'parked' AND available_at < 'infinity'
+                                         AND held_for IS NULL AND attempts > 0),
+             (SELECT count(*) FROM {t} WHERE status = 'parked' AND held_for IS NOT NULL),
+             (SELECT count(*) FROM {t} WHERE status = 'parked' AND available_at = 'infinity'),
              (SELECT count(*) FROM {t} WHERE status = 'dead'),
              (SELECT count(*) FROM {t} WHERE status = 'published'),
-             COALESCE(EXTRACT(EPOCH FROM now() - (
-                 SELECT created_at FROM {t} WHERE status = 'pending' ORDER BY seq LIMIT 1)), 0)::float8"
+             COALESCE(EXTRACT(EPOCH FROM now() - LEAST(
+                 (SELECT created_at FROM {t} WHERE status = 'pending' ORDER BY seq LIMIT 1),
+                 (SELECT min(created_at) FROM {t} WHERE status = 'parked'))), 0)::float8,
+             (SELECT aggregate_type || '/' || aggregate_id FROM {t}
+               WHERE status = 'parked' AND available_at = 'infinity' ORDER BY available_at, seq LIMIT 1)"
     ))
     .fetch_one(pool)
     .await?;
+    let held_by_destination = sqlx::query_as::<_, (String, i64)>(&format!(
+        "SELECT held_for, count(*) FROM {t}
+         WHERE status = 'parked' AND held_for IS NOT NULL GROUP BY held_for ORDER BY held_for"
+    ))
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
     Ok(Status {
         pending: row.try_get(0)?,
         retrying: row.try_get(1)?,
-        dead: row.try_get(2)?,
-        published_retained: row.try_get(3)?,
-        oldest_pending_age_seconds: row.try_get(4)?,
+        held: row.try_get(2)?,
+        blocked: row.try_get(3)?,
+        dead: row.try_get(4)?,
+        published_retained: row.try_get(5)?,
+        oldest_pending_age_seconds: row.try_get(6)?,
+        oldest_blocked_key: row.try_get(7)?,
+        held_by_destination,
     })
 }
 

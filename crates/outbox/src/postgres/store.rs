@@ -128,10 +128,11 @@ impl Statements {
         // 2. followers: the next undelivered events of those keys, oldest first, up to the rest
         //    of the batch; locked, and kept only while each key's chain is unbroken (a row that
         //    is not due, dead under block_key, or locked elsewhere ends its key's share).
-        // 3. the byte budget: payload sizes are summed in seq order and the batch ends where
-        //    they pass max_batch_bytes (at least one event); an event over max_event_bytes is
-        //    returned without its payload and dead-lettered by the store, and the rest of its
-        //    key waits for the next claim.
+        // 3. the byte budget: payload sizes are summed in seq order and the batch ends with the
+        //    event that reaches max_batch_bytes (so at least one event); an event over
+        //    max_event_bytes is returned without its payload and dead-lettered by the store,
+        //    and the rest of its key waits for the next claim. The locks on events past the
+        //    budget are held until the claim ends: those keys are only delayed by one batch.
         let claim = format!(
             "WITH heads AS MATERIALIZED (
                  SELECT e.seq, e.aggregate_type, e.aggregate_id
@@ -171,24 +172,50 @@ impl Statements {
                      FROM followers f LEFT JOIN locked l ON l.seq = f.seq
                  ) c
                  WHERE c.unbroken
-             ), sized AS (
+             ), sized AS MATERIALIZED (
+                 -- Small values stored inline and uncompressed count their stored size (close to
+                 -- their text size); larger ones are measured exactly, but only while the batch
+                 -- is under its budget (see `walk`), so a backlog of huge events is not
+                 -- converted to text whole on every claim.
                  SELECT e.seq, e.aggregate_type, e.aggregate_id,
-                        octet_length(e.payload::text)::bigint AS bytes
+                        pg_column_size(e.payload)::bigint AS stored,
+                        (pg_column_size(e.payload) > 2000
+                         OR pg_column_compression(e.payload) IS NOT NULL) AS large,
+                        row_number() OVER (ORDER BY e.seq) AS n
                  FROM {t} e
                  WHERE e.seq IN (SELECT seq FROM heads UNION ALL SELECT seq FROM chain)
-             ), budget AS (
-                 SELECT s.seq, s.bytes, s.bytes > $3 AS oversized,
-                        bool_or(s.bytes > $3) OVER (
-                            PARTITION BY s.aggregate_type, s.aggregate_id ORDER BY s.seq) AS behind_oversized,
-                        sum(CASE WHEN s.bytes > $3 THEN 0 ELSE s.bytes END) OVER (ORDER BY s.seq) AS running
-                 FROM sized s
+             ), walk AS (
+                 WITH RECURSIVE w(n, seq, aggregate_type, aggregate_id, bytes, running) AS (
+                     SELECT s.n, s.seq, s.aggregate_type, s.aggregate_id, m.bytes,
+                            CASE WHEN m.bytes > $3 THEN 0 ELSE m.bytes END
+                     FROM sized s
+                     CROSS JOIN LATERAL (
+                         SELECT CASE WHEN s.large
+                                     THEN (SELECT octet_length(x.payload::text)::bigint FROM {t} x WHERE x.seq = s.seq)
+                                     ELSE s.stored END AS bytes) m
+                     WHERE s.n = 1
+                     UNION ALL
+                     SELECT s.n, s.seq, s.aggregate_type, s.aggregate_id, m.bytes,
+                            w.running + CASE WHEN m.bytes > $3 THEN 0 ELSE m.bytes END
+                     FROM w
+                     JOIN sized s ON s.n = w.n + 1
+                     CROSS JOIN LATERAL (
+                         SELECT CASE WHEN s.large
+                                     THEN (SELECT octet_length(x.payload::text)::bigint FROM {t} x WHERE x.seq = s.seq)
+                                     ELSE s.stored END AS bytes) m
+                     WHERE w.running < $2
+                 )
+                 SELECT w.seq, w.bytes, w.bytes > $3 AS oversized,
+                        bool_or(w.bytes > $3) OVER (
+                            PARTITION BY w.aggregate_type, w.aggregate_id ORDER BY w.seq) AS behind_oversized
+                 FROM w
              )
              SELECT e.seq, e.id, e.aggregate_type, e.aggregate_id, e.event_type,
                     CASE WHEN b.oversized THEN NULL ELSE e.payload::text END AS payload,
                     e.headers, e.destination, e.created_at, e.attempts,
                     e.last_error IS NOT NULL AS was_blocked, b.bytes, b.oversized
-             FROM budget b JOIN {t} e ON e.seq = b.seq
-             WHERE b.oversized OR (NOT b.behind_oversized AND b.running - b.bytes < $2)
+             FROM walk b JOIN {t} e ON e.seq = b.seq
+             WHERE b.oversized OR NOT b.behind_oversized
              ORDER BY e.seq"
         );
         let refuse = format!(
