@@ -30,9 +30,20 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+/// The demo's own configuration (crates/outbox-demo/outbox.toml), for the settings the tests
+/// must share with it.
+fn demo_config() -> outbox::Config {
+    outbox::Config::load(&outbox::ConfigSource {
+        file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/outbox.toml").into()),
+        profile: Some("local".into()),
+        use_env: false,
+    })
+    .unwrap()
+}
+
 /// One test's world: the orders database (outbox migrated), shipping's database, a fresh FIFO
 /// queue with its DLQ, and the configuration file both the in-process service and the `outbox`
-/// process read.
+/// process read (with the demo's event limits).
 struct World {
     orders_db: TestDb,
     shipping_db: TestDb,
@@ -48,12 +59,16 @@ impl World {
         let shipping_db = TestDb::empty().await.unwrap();
         let queue = format!("{}.fifo", unique("e2e"));
         let dlq = format!("{}.fifo", unique("e2e-dlq"));
+        let events = demo_config().events;
         let toml = format!(
             r#"
             [default]
             publisher = "aws"
             [default.database]
             url = "{url}"
+            [default.events]
+            max_payload_bytes = {max_payload_bytes}
+            max_field_bytes = {max_field_bytes}
             [default.relay]
             enabled = {embedded_relay}
             poll_interval = "100ms"
@@ -74,6 +89,8 @@ impl World {
             "#,
             url = orders_db.url,
             endpoint = endpoint(),
+            max_payload_bytes = events.max_payload_bytes,
+            max_field_bytes = events.max_field_bytes,
         );
         let config_path =
             std::env::temp_dir().join(format!("outbox-demo-e2e-{}.toml", uuid::Uuid::now_v7()));
@@ -390,5 +407,76 @@ async fn a_consumer_killed_mid_way_and_restarted_loses_nothing_and_applies_nothi
         .unwrap();
     assert_eq!(inbox, expected);
     service.stop().await.unwrap();
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn an_order_whose_event_could_never_be_delivered_is_refused_with_413_and_nothing_written() {
+    let world = World::new(true).await;
+    let limit = world.config.events.max_payload_bytes;
+    let service = orders::Service::start(&world.config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let consumer = world.shipping().await;
+    let api = Api::new(format!("http://{}", service.addr));
+    // The OrderPlaced payload around the customer name (order ids are always 14 characters).
+    let overhead = serde_json::json!({
+        "order_id": "ord-0123456789", "customer": "", "total_cents": 1000, "version": 1
+    })
+    .to_string()
+    .len();
+    let order = |customer_len: usize| serde_json::json!({"customer": "x".repeat(customer_len), "total_cents": 1000});
+
+    // One byte over the limit: refused with the reason.
+    let (status, json) = api
+        .post("/orders", order(limit - overhead + 1))
+        .await
+        .unwrap();
+    assert_eq!(status, 413, "{json}");
+    let reason = json["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("max_payload_bytes") && reason.contains(&limit.to_string()),
+        "{json}"
+    );
+    // Over what an SQS message carries (1 MiB) but within the HTTP body limit: the order that
+    // used to be a 201 followed by a dead letter.
+    let (status, json) = api.post("/orders", order(1_200_000)).await.unwrap();
+    assert_eq!(status, 413, "{json}");
+    // Other bad input is a 4xx with a JSON reason too, never a 500.
+    let (status, json) = api
+        .post(
+            "/orders",
+            serde_json::json!({"customer": "a\u{0}b", "total_cents": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{json}");
+    assert!(json["error"].as_str().unwrap_or_default().contains("NUL"));
+    let (status, json) = api
+        .post("/orders", serde_json::json!({"customer": "ada"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{json}");
+    assert!(json["error"].is_string(), "{json}");
+    let written: (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM outbox_event)")
+            .fetch_one(&world.orders_db.pool)
+            .await
+            .unwrap();
+    assert_eq!(written, (0, 0), "a refused order left rows behind");
+
+    // Exactly at the limit: accepted, and delivered: the limit is one the queue can take.
+    let (status, json) = api.post("/orders", order(limit - overhead)).await.unwrap();
+    assert_eq!(status, 201, "{json}");
+    let placed: orders::OrderView = serde_json::from_value(json).unwrap();
+    let sent = driver::Sent {
+        order_ids: vec![placed.id],
+        events: [("OrderPlaced".to_owned(), 1)].into(),
+        ..Default::default()
+    };
+    let summary = world.settle(sent).await;
+    assert_ok(&summary, 1);
+    service.stop().await.unwrap();
+    consumer.stop().await.unwrap();
     world.finish().await;
 }
