@@ -11,9 +11,15 @@
 //!   pushed back to `visibility_timeout`, so a slow handler does not cause a second delivery.
 //! - **Batch deletes**: finished messages are deleted with `DeleteMessageBatch` (up to 10,
 //!   collected for at most `delete_delay`).
-//! - **Graceful shutdown**: when the injected `shutdown` future completes, no more messages are
-//!   received (a long poll in progress is abandoned: anything it would have returned stays in the
-//!   queue), in-flight handlers finish, pending deletes are flushed.
+//! - **Graceful shutdown**: when the injected `shutdown` future completes, no new receive starts.
+//!   A long poll already waiting is *not* dropped: dropping the request does not cancel it at the
+//!   queue (SQS, and the emulator, still complete the poll and mark whatever arrives as received,
+//!   for nobody: those messages would stay invisible for the whole visibility timeout, and on a
+//!   FIFO queue a later message of their group could overtake them). The poll is let finish (it
+//!   is bounded by `wait_time`; the wait for it by `wait_time` + [`RECEIVE_GRACE`]) and the
+//!   messages it returns are handled like any other in-flight message. Then in-flight handlers
+//!   finish and pending deletes are flushed. So a stop takes up to `wait_time` plus the handlers'
+//!   time; nothing received is abandoned.
 //!
 //! A failing handler is never deleted: SQS redelivers it after the visibility timeout (or after
 //! `retry_visibility`, when set), and its redrive policy moves a poison message to the
@@ -36,6 +42,11 @@ use tokio::task::JoinSet;
 
 use crate::delivery::Delivery;
 use crate::handler::{Handled, Handler};
+
+/// How much longer than `wait_time` a shutdown waits for a receive in progress to answer (the
+/// round trip on top of the long poll). Past it the request is dropped, with a warning: whatever
+/// it took comes back after the visibility timeout.
+pub const RECEIVE_GRACE: Duration = Duration::from_secs(5);
 
 /// How the consumer polls, bounds and extends; see the module docs.
 #[derive(Debug, Clone)]
@@ -272,14 +283,34 @@ impl Consumer {
                 .message_attribute_names("All")
                 .message_system_attribute_names(MessageSystemAttributeName::All)
                 .send();
+            tokio::pin!(receive);
+            let mut stopping = false;
             let out = tokio::select! {
-                _ = &mut shutdown => break,
-                out = receive => out,
+                out = &mut receive => out,
+                _ = &mut shutdown => {
+                    // Do not drop the poll: the queue completes it anyway and what it takes would
+                    // be abandoned (see the module docs). Let it answer, bounded.
+                    stopping = true;
+                    tracing::info!(wait_time = ?options.wait_time, "consumer stopping: waiting for the receive in progress to answer");
+                    let bound = options.wait_time + RECEIVE_GRACE;
+                    match tokio::time::timeout(bound, &mut receive).await {
+                        Ok(out) => out,
+                        Err(_) => {
+                            tracing::warn!(?bound, "the receive in progress did not answer in time; dropping it (anything it took comes back after the visibility timeout)");
+                            break;
+                        }
+                    }
+                }
             };
             let messages = match out {
                 Ok(out) => {
                     receive_failures = 0;
                     out.messages.unwrap_or_default()
+                }
+                Err(e) if stopping => {
+                    bump(&self.stats.receive_errors, 1);
+                    tracing::warn!(error = %error_chain(&e), "the last receive failed while stopping");
+                    break;
                 }
                 Err(e) => {
                     bump(&self.stats.receive_errors, 1);
@@ -302,6 +333,11 @@ impl Consumer {
                     deletes: delete_tx.clone(),
                 };
                 groups.spawn(ctx.process(batch, take));
+            }
+            if stopping {
+                // `shutdown` has completed: it must not be polled again, and nothing more is
+                // received. What the last poll returned is now in flight and finishes below.
+                break;
             }
         }
         tracing::info!("consumer stopping: finishing in-flight messages");

@@ -418,3 +418,64 @@ async fn shutdown_lets_in_flight_handlers_finish_and_flushes_deletes() {
     );
     db.drop_db().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_stop_during_a_long_poll_abandons_no_message() {
+    // A FIFO queue as the demo uses, and a visibility timeout far longer than the test: a message
+    // taken by a poll nobody waits for any more would stay invisible for all of it.
+    let f = fixture(5, true).await;
+    let (db, pool) = applied_db().await;
+    let inbox = PgInbox::new(pool.clone(), "test");
+    inbox.migrate().await.unwrap();
+    let mut o = options(&f.queue_url, 60);
+    o.wait_time = Duration::from_secs(3);
+    let (recorder, _) = Recorder::new(0, Duration::ZERO);
+    let first = Consumer::new(f.clients.sqs.clone(), f.clients.s3.clone(), o.clone()).unwrap();
+    let first_stats = first.stats();
+    let (stop, shutdown) = stopper();
+    let handler = inbox.clone().handler(recorder);
+    let run = tokio::spawn(async move { first.run(handler, shutdown).await });
+    // The queue is empty: the consumer is now inside a long poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    // Events arrive while that poll is still open at the queue (as the next run's first events
+    // did in the demo).
+    let ids: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::now_v7()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let order = format!("o-{}", i % 3);
+        let body = serde_json::json!({"order_id": order, "n": i});
+        send(&f, *id, &order, "OrderPlaced", body).await;
+    }
+    let bound = o.wait_time + outbox_consumer::consumer::RECEIVE_GRACE + Duration::from_secs(2);
+    let report = tokio::time::timeout(bound, run)
+        .await
+        .expect("the stop is bounded by the wait time")
+        .unwrap()
+        .unwrap();
+
+    // Whatever the stopped consumer did not handle, a new one receives at once, not after the
+    // 60 s visibility timeout.
+    let (recorder, _) = Recorder::new(0, Duration::ZERO);
+    let second = Consumer::new(f.clients.sqs.clone(), f.clients.s3.clone(), o).unwrap();
+    let second_stats = second.stats();
+    let (stop, shutdown) = stopper();
+    let handler = inbox.clone().handler(recorder);
+    let run = tokio::spawn(async move { second.run(handler, shutdown).await });
+    let all = eventually(Duration::from_secs(3), || async {
+        first_stats.snapshot().processed + second_stats.snapshot().processed == 4
+    })
+    .await;
+    stop.send(true).unwrap();
+    let second_report = run.await.unwrap().unwrap();
+    assert!(
+        all,
+        "messages sent during the stopped consumer's last poll stayed invisible: \
+         stopped consumer {report:?}, new consumer {second_report:?}"
+    );
+    for id in &ids {
+        assert!(inbox.seen(*id).await.unwrap(), "event {id} was not applied");
+    }
+    assert_eq!(applied(&pool).await, 4);
+    assert_eq!(depth(&f.clients.sqs, &f.queue_url).await, 0);
+    db.drop_db().await.unwrap();
+}

@@ -3,6 +3,8 @@
 //!
 //! Order `i` is placed; paid unless `i % 4 == 3`; cancelled when `i % 4` is 2 (after paying) or 3
 //! (unpaid). Order 0 also gets a note through the endpoint that still writes without events.
+//! Then one more order is attempted whose event would be too large to deliver: the service must
+//! refuse it (413) and write nothing.
 //! The summary counts only this run's orders, so the demo can be run again on the same databases.
 
 use std::collections::BTreeMap;
@@ -92,6 +94,8 @@ pub struct Sent {
     pub events: BTreeMap<String, u64>,
     /// Writes that enqueued nothing (the legacy notes endpoint).
     pub notes: u64,
+    /// Orders refused because their event could not be delivered (413; nothing written).
+    pub refused: u64,
 }
 
 impl Sent {
@@ -162,6 +166,40 @@ pub async fn send_orders(api: &Api, orders: usize, quiet: bool) -> anyhow::Resul
         sent.order_ids.push(id);
     }
     Ok(sent)
+}
+
+/// Attempts one order whose `OrderPlaced` event would be over `max_payload_bytes` (a customer
+/// name that long) and checks that the service refuses it with 413, as it must for an event no
+/// destination would take. Prints a line unless `quiet`; counted in `sent.refused`.
+pub async fn send_undeliverable_order(
+    api: &Api,
+    sent: &mut Sent,
+    max_payload_bytes: usize,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let customer = "x".repeat(max_payload_bytes + 1);
+    let (status, json) = api
+        .post(
+            "/orders",
+            serde_json::json!({"customer": customer, "total_cents": 1000}),
+        )
+        .await?;
+    if status != StatusCode::PAYLOAD_TOO_LARGE {
+        anyhow::bail!(
+            "POST /orders with a {} byte customer name answered {status} ({json}): expected 413, \
+             its event is over events.max_payload_bytes and could never be delivered",
+            customer.len()
+        );
+    }
+    sent.refused += 1;
+    if !quiet {
+        let reason = json["error"].as_str().unwrap_or("no reason given");
+        println!(
+            "orders    (refused)       a {} KB customer name: 413 {reason}",
+            customer.len() / 1000
+        );
+    }
+    Ok(())
 }
 
 /// What happened to this run's orders, read from both databases.
@@ -264,6 +302,10 @@ impl Summary {
         text.push_str(&format!(
             "writes without events   {}  (legacy notes endpoint)\n",
             self.sent.notes
+        ));
+        text.push_str(&format!(
+            "orders refused          {}  (413: event too large for the queue; nothing written)\n",
+            self.sent.refused
         ));
         text.push_str(&format!("events published        {}\n", o.published));
         text.push_str(&format!(

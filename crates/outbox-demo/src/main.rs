@@ -199,7 +199,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .context("connecting to shipping's database")?;
             shipping::migrate(&shipping_pool).await?;
-            let sent = driver::send_orders(&api, orders, false).await?;
+            let mut sent = driver::send_orders(&api, orders, false).await?;
+            driver::send_undeliverable_order(
+                &api,
+                &mut sent,
+                config.events.max_payload_bytes,
+                false,
+            )
+            .await?;
             let table = config.schema.qualify("outbox_event");
             let summary = driver::settle(
                 &outbox_pool,

@@ -12,10 +12,17 @@
 //!
 //! Every change bumps the order's `version` under the row lock the `UPDATE` takes, so events of one
 //! order are enqueued (and get their `seq`) in commit order; consumers see `version` 1, 2, 3…
+//!
+//! Errors are JSON (`{"error": "..."}`). An order whose event could never be delivered (its payload
+//! over `events.max_payload_bytes`, which the demo's configuration keeps within what its SQS queue
+//! accepts) is refused with **413** and nothing is written, instead of a 201 followed by a dead
+//! letter; any other event the outbox refuses, and a body that is not the expected JSON, is a 4xx
+//! too (422, or axum's status for the body).
 
 use std::future::Future;
 use std::net::SocketAddr;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -109,8 +116,34 @@ impl From<sqlx::Error> for ApiError {
 
 impl From<outbox::EnqueueError> for ApiError {
     fn from(e: outbox::EnqueueError) -> Self {
-        tracing::error!(error = %e, "enqueue failed");
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        use outbox::{EnqueueError, EventError};
+        match e {
+            // The request is fine as HTTP but its event could never be delivered: refuse the
+            // whole order (the transaction rolls back) rather than accept it and dead-letter the
+            // event. The limit is the one the destination imposes (see the demo's outbox.toml).
+            EnqueueError::Invalid(EventError::PayloadTooLarge { len, limit }) => ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "order refused: its event would be {len} bytes, over the {limit} bytes the \
+                     orders queue accepts (events.max_payload_bytes); shorten the customer name"
+                ),
+            ),
+            EnqueueError::Invalid(invalid) => ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("order refused: {invalid}"),
+            ),
+            EnqueueError::Database(_) => {
+                tracing::error!(error = %e, "enqueue failed");
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, "database error".into())
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        // axum's own status (400, 413, 415, 422) with its reason, as JSON like every other error.
+        ApiError(rejection.status(), rejection.body_text())
     }
 }
 
@@ -132,12 +165,20 @@ fn view(row: &sqlx::postgres::PgRow) -> Result<OrderView, sqlx::Error> {
 
 async fn place(
     State(app): State<AppState>,
-    Json(input): Json<PlaceOrder>,
+    input: Result<Json<PlaceOrder>, JsonRejection>,
 ) -> Result<(StatusCode, Json<OrderView>), ApiError> {
+    let Json(input) = input?;
     if input.customer.trim().is_empty() || input.total_cents < 0 {
         return Err(ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
             "give a customer and a total_cents >= 0".into(),
+        ));
+    }
+    if input.customer.contains('\0') {
+        // PostgreSQL text cannot hold NUL: say so instead of failing the INSERT with a 500.
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "customer contains a NUL character (\\u0000): remove it".into(),
         ));
     }
     let id = format!("ord-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
@@ -264,8 +305,15 @@ pub struct AddNote {
 async fn add_note(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    Json(input): Json<AddNote>,
+    input: Result<Json<AddNote>, JsonRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let Json(input) = input?;
+    if input.note.contains('\0') {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "note contains a NUL character (\\u0000): remove it".into(),
+        ));
+    }
     let inserted = sqlx::query(
         "INSERT INTO order_notes (order_id, note) SELECT id, $2 FROM orders WHERE id = $1",
     )

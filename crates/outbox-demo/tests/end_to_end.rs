@@ -8,11 +8,14 @@
 //!
 //! The standalone relay is the real `outbox` binary of crates/outbox-cli, found next to this test's
 //! executable (`target/debug/outbox`; `cargo test --workspace` builds it, or run
-//! `cargo build -p outbox-cli`).
+//! `cargo build -p outbox-cli`). The back-to-back test runs the demo's own processes
+//! (`outbox-demo orders` / `shipping`, built by cargo for this test) as `scripts/demo.sh` does.
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use outbox_consumer::ConsumerOptions;
 use outbox_demo::driver::{self, Api, Summary};
@@ -30,9 +33,20 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+/// The demo's own configuration (crates/outbox-demo/outbox.toml), for the settings the tests
+/// must share with it.
+fn demo_config() -> outbox::Config {
+    outbox::Config::load(&outbox::ConfigSource {
+        file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/outbox.toml").into()),
+        profile: Some("local".into()),
+        use_env: false,
+    })
+    .unwrap()
+}
+
 /// One test's world: the orders database (outbox migrated), shipping's database, a fresh FIFO
 /// queue with its DLQ, and the configuration file both the in-process service and the `outbox`
-/// process read.
+/// process read (with the demo's event limits).
 struct World {
     orders_db: TestDb,
     shipping_db: TestDb,
@@ -48,12 +62,16 @@ impl World {
         let shipping_db = TestDb::empty().await.unwrap();
         let queue = format!("{}.fifo", unique("e2e"));
         let dlq = format!("{}.fifo", unique("e2e-dlq"));
+        let events = demo_config().events;
         let toml = format!(
             r#"
             [default]
             publisher = "aws"
             [default.database]
             url = "{url}"
+            [default.events]
+            max_payload_bytes = {max_payload_bytes}
+            max_field_bytes = {max_field_bytes}
             [default.relay]
             enabled = {embedded_relay}
             poll_interval = "100ms"
@@ -74,6 +92,8 @@ impl World {
             "#,
             url = orders_db.url,
             endpoint = endpoint(),
+            max_payload_bytes = events.max_payload_bytes,
+            max_field_bytes = events.max_field_bytes,
         );
         let config_path =
             std::env::temp_dir().join(format!("outbox-demo-e2e-{}.toml", uuid::Uuid::now_v7()));
@@ -143,19 +163,18 @@ impl World {
         .unwrap()
     }
 
-    /// `outbox relay` as its own process, on the same configuration file.
-    fn standalone_relay(&self) -> tokio::process::Child {
-        let bin = outbox_binary();
-        let mut command = tokio::process::Command::new(&bin);
+    /// A command on this world's configuration file and databases, with the test environment's
+    /// other `OUTBOX_*` settings removed.
+    fn command(&self, bin: &std::path::Path) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(bin);
         command
-            .arg("relay")
             .env("OUTBOX_CONFIG", &self.config_path)
             .env("OUTBOX_PROFILE", "local")
             // The test environment's DATABASE_URL (the admin database) must not win over the file.
             .env("DATABASE_URL", &self.orders_db.url)
+            .env("SHIPPING_DATABASE_URL", &self.shipping_db.url)
             .env("OUTBOX_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
             .kill_on_drop(true);
         for (name, _) in std::env::vars() {
             if name.starts_with("OUTBOX_")
@@ -168,8 +187,48 @@ impl World {
             }
         }
         command
+    }
+
+    /// `outbox relay` as its own process, on the same configuration file.
+    fn standalone_relay(&self) -> tokio::process::Child {
+        let bin = outbox_binary();
+        self.command(&bin)
+            .arg("relay")
+            .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()))
+    }
+
+    /// `outbox-demo ARGS` as its own process, started as `scripts/demo.sh` starts it; returns
+    /// once it printed the line containing `ready` (that line is returned; the rest of its
+    /// standard error is forwarded to the test's).
+    async fn demo_process(&self, args: &[&str], ready: &str) -> (tokio::process::Child, String) {
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_outbox-demo"));
+        let mut child = self
+            .command(&bin)
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                eprintln!("[outbox-demo {}] {line}", args[0]);
+                if line.contains(ready) {
+                    return line;
+                }
+            }
+            panic!("outbox-demo {args:?} exited before saying {ready:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("outbox-demo {args:?} did not say {ready:?} within 30 s"));
+        let name = args[0].to_owned();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[outbox-demo {name}] {line}");
+            }
+        });
+        (child, line)
     }
 
     async fn finish(self) {
@@ -195,8 +254,8 @@ fn outbox_binary() -> PathBuf {
     bin
 }
 
-/// Stops a child process with SIGTERM (the CLI finishes its batch and exits 0), bounded.
-async fn terminate(mut child: tokio::process::Child) {
+/// Stops a child process with SIGTERM (it finishes its in-flight work and exits 0), bounded.
+async fn terminate(name: &str, mut child: tokio::process::Child) {
     if let Some(pid) = child.id() {
         let _ = std::process::Command::new("kill")
             .arg("-TERM")
@@ -204,13 +263,10 @@ async fn terminate(mut child: tokio::process::Child) {
             .status();
     }
     match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
-        Ok(status) => assert!(
-            status.unwrap().success(),
-            "outbox relay did not exit cleanly"
-        ),
+        Ok(status) => assert!(status.unwrap().success(), "{name} did not exit cleanly"),
         Err(_) => {
             let _ = child.kill().await;
-            panic!("outbox relay did not stop within 15 s of SIGTERM");
+            panic!("{name} did not stop within 15 s of SIGTERM");
         }
     }
 }
@@ -279,7 +335,7 @@ async fn orders_flow_end_to_end_with_the_standalone_relay() {
     );
     let relay = world.standalone_relay();
     let summary = world.settle(sent).await;
-    terminate(relay).await;
+    terminate("outbox relay", relay).await;
     assert_ok(&summary, EVENTS);
     service.stop().await.unwrap();
     consumer.stop().await.unwrap();
@@ -298,7 +354,7 @@ async fn embedded_and_standalone_relays_at_once_lose_nothing_and_keep_order() {
     let sent = driver::send_orders(&api, 20, true).await.unwrap();
     let expected = sent.events_total() as i64;
     let summary = world.settle(sent).await;
-    terminate(relay).await;
+    terminate("outbox relay", relay).await;
     let embedded = service.stop().await.unwrap().expect("embedded relay");
     let report = consumer.stop().await.unwrap();
     assert_ok(&summary, expected);
@@ -390,5 +446,133 @@ async fn a_consumer_killed_mid_way_and_restarted_loses_nothing_and_applies_nothi
         .unwrap();
     assert_eq!(inbox, expected);
     service.stop().await.unwrap();
+    world.finish().await;
+}
+
+/// One run of `scripts/demo.sh` on `world`: the shipping consumer and the orders service (relay
+/// embedded) as their own processes, with the script's options (a 2 s long poll; shipping's
+/// default 30 s visibility timeout), the stream of orders and the undeliverable order as
+/// `outbox-demo drive` sends them, the settle, then SIGTERM to both as the script's clean-up does.
+async fn demo_run(world: &World) -> Summary {
+    let (shipping, _) = world
+        .demo_process(&["shipping", "--wait", "2"], "shipping consumer reading")
+        .await;
+    let (orders, line) = world
+        .demo_process(
+            &["orders", "--listen", "127.0.0.1:0"],
+            "orders service on http://",
+        )
+        .await;
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let api = Api::new(format!("http://{addr}"));
+    api.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let mut sent = driver::send_orders(&api, ORDERS, true).await.unwrap();
+    driver::send_undeliverable_order(&api, &mut sent, world.config.events.max_payload_bytes, true)
+        .await
+        .unwrap();
+    let summary = world.settle(sent).await;
+    terminate("outbox-demo orders", orders).await;
+    terminate("outbox-demo shipping", shipping).await;
+    summary
+}
+
+#[tokio::test]
+async fn the_demo_runs_twice_back_to_back_on_the_same_queue_and_databases() {
+    let world = World::new(true).await;
+    for run in 1..=2 {
+        let started = Instant::now();
+        let summary = demo_run(&world).await;
+        eprintln!(
+            "demo run {run}: {:.1?} from start to stop, settled in {:.1}s",
+            started.elapsed(),
+            summary.settle_seconds
+        );
+        assert_ok(&summary, EVENTS);
+        assert_eq!(summary.sent.refused, 1, "{}", summary.render());
+        // A message the previous run's consumer took at its stop and abandoned would only come
+        // back after shipping's 30 s visibility timeout (and could be overtaken by a later event
+        // of its order).
+        assert!(
+            summary.settle_seconds < 15.0,
+            "run {run} settled in {:.1}s: a message waited out the visibility timeout\n{}",
+            summary.settle_seconds,
+            summary.render()
+        );
+    }
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn an_order_whose_event_could_never_be_delivered_is_refused_with_413_and_nothing_written() {
+    let world = World::new(true).await;
+    let limit = world.config.events.max_payload_bytes;
+    let service = orders::Service::start(&world.config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let consumer = world.shipping().await;
+    let api = Api::new(format!("http://{}", service.addr));
+    // The OrderPlaced payload around the customer name (order ids are always 14 characters).
+    let overhead = serde_json::json!({
+        "order_id": "ord-0123456789", "customer": "", "total_cents": 1000, "version": 1
+    })
+    .to_string()
+    .len();
+    let order = |customer_len: usize| serde_json::json!({"customer": "x".repeat(customer_len), "total_cents": 1000});
+
+    // One byte over the limit: refused with the reason.
+    let (status, json) = api
+        .post("/orders", order(limit - overhead + 1))
+        .await
+        .unwrap();
+    assert_eq!(status, 413, "{json}");
+    let reason = json["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("max_payload_bytes") && reason.contains(&limit.to_string()),
+        "{json}"
+    );
+    // Over what an SQS message carries (1 MiB) but within the HTTP body limit: the order that
+    // used to be a 201 followed by a dead letter.
+    let (status, json) = api.post("/orders", order(1_200_000)).await.unwrap();
+    assert_eq!(status, 413, "{json}");
+    // Other bad input is a 4xx with a JSON reason too, never a 500.
+    let (status, json) = api
+        .post(
+            "/orders",
+            serde_json::json!({"customer": "a\u{0}b", "total_cents": 1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{json}");
+    assert!(json["error"].as_str().unwrap_or_default().contains("NUL"));
+    let (status, json) = api
+        .post("/orders", serde_json::json!({"customer": "ada"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "{json}");
+    assert!(json["error"].is_string(), "{json}");
+    let written: (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM outbox_event)")
+            .fetch_one(&world.orders_db.pool)
+            .await
+            .unwrap();
+    assert_eq!(written, (0, 0), "a refused order left rows behind");
+
+    // Exactly at the limit: accepted, and delivered: the limit is one the queue can take.
+    let (status, json) = api.post("/orders", order(limit - overhead)).await.unwrap();
+    assert_eq!(status, 201, "{json}");
+    let placed: orders::OrderView = serde_json::from_value(json).unwrap();
+    let sent = driver::Sent {
+        order_ids: vec![placed.id],
+        events: [("OrderPlaced".to_owned(), 1)].into(),
+        ..Default::default()
+    };
+    let summary = world.settle(sent).await;
+    assert_ok(&summary, 1);
+    service.stop().await.unwrap();
+    consumer.stop().await.unwrap();
     world.finish().await;
 }
