@@ -831,7 +831,7 @@ async fn an_expired_backoff_is_retried_without_waiting_for_the_poll() {
     let db = TestDb::new().await.unwrap();
     let id = Outbox::new(Schema::default())
         .enqueue(
-            &mut *db.pool.acquire().await.unwrap(),
+            &mut db.pool.acquire().await.unwrap(),
             NewEvent::new("a", "1", "Flaky"),
         )
         .await
