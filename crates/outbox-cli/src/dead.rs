@@ -175,7 +175,7 @@ fn admin_error(e: AdminError) -> anyhow::Error {
 
 /// Ids that were asked for but are not dead events: exit 1, naming them.
 #[derive(Debug, thiserror::Error)]
-#[error("not dead events (never existed, or already replayed, deleted or published): {}", join(.0))]
+#[error("not found among the dead events: {} (never existed, or already replayed, deleted or published)", join(.0))]
 pub struct NotFound(Vec<Uuid>);
 
 fn join(ids: &[Uuid]) -> String {

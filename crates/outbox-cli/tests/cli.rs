@@ -430,17 +430,27 @@ async fn sigterm_during_a_drain_settles_the_batch_and_exits() {
     db.drop_db().await.unwrap();
 }
 
-/// Events large enough that one batch fills a pipe nobody reads: the relay's write blocks.
-async fn enqueue_large(db: &TestDb, n: usize) {
-    let outbox = Outbox::new(Schema::default());
+/// A `relay --publisher stdout` whose standard output nobody reads, over 300 events large enough
+/// that one batch fills the pipe: after 1.5 s its first write is blocked.
+async fn relay_with_unread_stdout(db: &TestDb, env: &[(&str, &str)]) -> std::process::Child {
+    let api = Outbox::new(Schema::default());
     let mut tx = db.pool.begin().await.unwrap();
-    let events = (0..n).map(|i| {
+    let events = (0..300).map(|i| {
         NewEvent::new("order", format!("k{i}"), "E")
             .payload(&serde_json::json!({ "pad": "x".repeat(2000) }))
             .unwrap()
     });
-    outbox.enqueue_all(&mut tx, events).await.unwrap();
+    api.enqueue_all(&mut tx, events).await.unwrap();
     tx.commit().await.unwrap();
+    let child = outbox(&db.url)
+        .args(["relay", "--publisher", "stdout"])
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped()) // kept open, never read
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child
 }
 
 /// A relay whose standard output nobody reads: after SIGTERM it exits within the publish
@@ -448,15 +458,7 @@ async fn enqueue_large(db: &TestDb, n: usize) {
 #[tokio::test]
 async fn shutdown_is_bounded_when_a_stdout_write_is_blocked() {
     let db = TestDb::new().await.unwrap();
-    enqueue_large(&db, 300).await;
-    let mut child = outbox(&db.url)
-        .args(["relay", "--publisher", "stdout"])
-        .env("OUTBOX_RELAY__PUBLISH_TIMEOUT", "1s")
-        .stdout(Stdio::piped()) // never read
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut child = relay_with_unread_stdout(&db, &[("OUTBOX_RELAY__PUBLISH_TIMEOUT", "1s")]).await;
     signal(child.id(), "TERM");
     let status = wait_within(&mut child, Duration::from_secs(10));
     let err = child_stderr(&mut child);
@@ -485,16 +487,11 @@ async fn shutdown_is_bounded_when_a_stdout_write_is_blocked() {
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
     let db = TestDb::new().await.unwrap();
-    enqueue_large(&db, 300).await;
-    let mut child = outbox(&db.url)
-        .args(["relay", "--publisher", "stdout"])
-        .env("OUTBOX_RELAY__PUBLISH_TIMEOUT", "60s")
-        .env("OUTBOX_RELAY__TRANSACTION_TIMEOUT", "120s")
-        .stdout(Stdio::piped()) // never read: the first batch's write blocks
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    let env = [
+        ("OUTBOX_RELAY__PUBLISH_TIMEOUT", "60s"),
+        ("OUTBOX_RELAY__TRANSACTION_TIMEOUT", "120s"),
+    ];
+    let mut child = relay_with_unread_stdout(&db, &env).await;
     signal(child.id(), "TERM");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
