@@ -2,18 +2,31 @@
 //!
 //! Configuration comes from `outbox.toml` (or `--config` / `OUTBOX_CONFIG`), the profile from
 //! `--profile` / `OUTBOX_PROFILE`, overrides from `OUTBOX_*` and `DATABASE_URL`. Logs go to standard
-//! error (standard output is the `stdout` publisher's); `OUTBOX_LOG` or `RUST_LOG` filter them.
+//! error (standard output is the `stdout` publisher's and the commands' results): `OUTBOX_LOG` (or
+//! `RUST_LOG`) filters them, `OUTBOX_LOG_FORMAT=json` writes JSON lines (see `outbox::logging`).
 //!
-//! Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
+//! Exit codes: 0 success, 1 runtime failure (or a drain that left work), 2 bad configuration or
+//! usage; 128 + N after a second signal N.
+
+mod dead;
+mod out;
+mod relay_cmd;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use outbox::config::{Config, ConfigSource, PublisherSpec};
+use outbox::logging::{self, LogFormat, LogOptions};
 use outbox::postgres::{self, MigrateOptions};
 use outbox::Publisher;
+
+use crate::dead::DeadAction;
+use crate::out::{out, BrokenPipe};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,13 +54,23 @@ enum Command {
         print: bool,
     },
     /// Publish events until SIGINT/SIGTERM (or, with --drain, until none is deliverable).
+    ///
+    /// On SIGINT/SIGTERM the batch in flight is published and settled, then the relay exits; a
+    /// second signal exits at once (code 128 + signal). Exit codes: 0 stopped (or, with --drain,
+    /// drained); 1 failed, or with --drain left events retrying or dead (or was interrupted with
+    /// events pending); 2 bad configuration or usage.
     Relay {
         /// stdout, file:PATH, null or aws [default: the configured publisher]
         #[arg(long)]
         publisher: Option<PublisherSpec>,
-        /// Publish until no deliverable event is left, then exit.
+        /// Publish until no deliverable event is left, then exit: 0 when nothing is left retrying
+        /// or dead, 1 otherwise (what was left is printed).
         #[arg(long)]
         drain: bool,
+        /// Log a summary line this often while running (published, retried, dead since the last
+        /// line, and the backlog), only when something changed; 0 turns it off.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = relay_cmd::parse_summary_interval)]
+        summary_interval: Duration,
     },
     /// Show the backlog: pending, retrying, dead, oldest pending age.
     Status {
@@ -55,7 +78,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Inspect or replay dead-lettered events.
+    /// Inspect, replay or delete dead-lettered events.
     Dead {
         #[command(subcommand)]
         action: DeadAction,
@@ -70,26 +93,6 @@ enum Command {
     },
 }
 
-#[derive(Subcommand, Debug)]
-enum DeadAction {
-    /// List dead events, oldest first.
-    List {
-        #[arg(long, default_value_t = 50)]
-        limit: i64,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Make dead events pending again with a fresh attempt budget.
-    Replay {
-        /// Event ids to replay.
-        #[arg(long = "id", required_unless_present = "all")]
-        ids: Vec<uuid::Uuid>,
-        /// Replay every dead event.
-        #[arg(long, conflicts_with = "ids")]
-        all: bool,
-    },
-}
-
 #[cfg(feature = "aws")]
 #[derive(Subcommand, Debug)]
 enum AwsAction {
@@ -99,7 +102,7 @@ enum AwsAction {
 
 /// A failure that is the user's to fix before anything runs: exit code 2.
 #[derive(Debug)]
-struct UsageError(anyhow::Error);
+pub(crate) struct UsageError(anyhow::Error);
 
 impl std::fmt::Display for UsageError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,9 +111,28 @@ impl std::fmt::Display for UsageError {
 }
 impl std::error::Error for UsageError {}
 
+/// How long the runtime may take to stop after the command finished. A publisher write blocked
+/// on a reader that never reads (tokio writes standard output and files on blocking threads) would
+/// otherwise keep the process alive forever after the relay stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// The log format, for the lines printed outside the subscriber (the final error).
+static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
+
 fn main() -> ExitCode {
+    out::quiet_broken_pipe_panics();
     let cli = Cli::parse();
-    init_logging();
+    let format = match logging::init(LogOptions {
+        default_filter: "info,sqlx=warn",
+        timestamps: true,
+    }) {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _ = LOG_FORMAT.set(format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,10 +143,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<BrokenPipe>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("{}", logging::error_line(format, &format!("{e:#}")));
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -132,19 +157,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("OUTBOX_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info,sqlx=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 fn load_config(cli: &Cli) -> Result<Config> {
@@ -158,7 +170,7 @@ fn load_config(cli: &Cli) -> Result<Config> {
     Config::load(&source).map_err(|e| UsageError(e.into()).into())
 }
 
-async fn connect(config: &Config, name: &str) -> Result<sqlx::PgPool> {
+pub(crate) async fn connect(config: &Config, name: &str) -> Result<sqlx::PgPool> {
     outbox::connect_from_config(config, name)
         .await
         .map_err(|e| match e {
@@ -175,12 +187,24 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Migrate { print: false } => migrate(&config).await,
-        Command::Relay { publisher, drain } => {
+        Command::Relay {
+            publisher,
+            drain,
+            summary_interval,
+        } => {
             let spec = publisher.unwrap_or_else(|| config.publisher.clone());
-            relay(&config, &spec, drain).await
+            relay_cmd::RelayCommand {
+                config: &config,
+                spec: &spec,
+                drain,
+                summary_every: summary_interval,
+                log_format: LOG_FORMAT.get().copied().unwrap_or_default(),
+            }
+            .run()
+            .await
         }
         Command::Status { json } => status(&config, json).await,
-        Command::Dead { action } => dead(&config, action).await,
+        Command::Dead { action } => dead::run(&config, action).await,
         Command::Config => {
             let rendered = serde_json::to_string_pretty(&config)?;
             println!("{rendered}");
@@ -195,10 +219,10 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|e| UsageError(e.into()))?;
             for name in &report.created {
-                println!("created  {name}");
+                out(format!("created  {name}"))?;
             }
             for name in &report.existing {
-                println!("exists   {name}");
+                out(format!("exists   {name}"))?;
             }
             Ok(())
         }
@@ -231,7 +255,10 @@ async fn migrate(config: &Config) -> Result<()> {
     Ok(())
 }
 
-async fn build_publisher(config: &Config, spec: &PublisherSpec) -> Result<Box<dyn Publisher>> {
+pub(crate) async fn build_publisher(
+    config: &Config,
+    spec: &PublisherSpec,
+) -> Result<Box<dyn Publisher>> {
     if let Some(publisher) = outbox::publisher::builtin(spec)
         .await
         .map_err(|e| UsageError(anyhow::anyhow!("{}", e.reason())))?
@@ -252,52 +279,6 @@ async fn build_publisher(config: &Config, spec: &PublisherSpec) -> Result<Box<dy
             "publisher `aws` needs the `aws` feature: rebuild with `cargo build -p outbox-cli --features aws`"
         ))
         .into())
-    }
-}
-
-async fn relay(config: &Config, spec: &PublisherSpec, drain: bool) -> Result<()> {
-    let publisher = build_publisher(config, spec).await?;
-    let pool = connect(config, "outbox-relay").await?;
-    let relay = outbox::relay_from_config(config, pool, publisher)
-        .await
-        .map_err(|e| UsageError(e.into()))?;
-    let check = |e: outbox::relay::RelayError| match e {
-        outbox::relay::RelayError::PublisherCheck(_) => UsageError(e.into()).into(),
-        e => anyhow::Error::new(e),
-    };
-    if drain {
-        let report = relay.drain().await.map_err(check)?;
-        eprintln!(
-            "drained: {} published, {} retrying, {} dead in {} batches",
-            report.published, report.retried, report.dead, report.batches
-        );
-        return Ok(());
-    }
-    relay.run(shutdown_signal()).await.map_err(check)?;
-    Ok(())
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
     }
 }
 
@@ -326,42 +307,6 @@ async fn status(config: &Config, json: bool) -> Result<()> {
             "oldest pending age          {:.1}s",
             status.oldest_pending_age_seconds
         );
-    }
-    Ok(())
-}
-
-async fn dead(config: &Config, action: DeadAction) -> Result<()> {
-    let pool = connect(config, "outbox-dead").await?;
-    postgres::check_schema(&pool, &config.schema)
-        .await
-        .map_err(|e| UsageError(e.into()))?;
-    match action {
-        DeadAction::List { limit, json } => {
-            let events = postgres::dead_events(&pool, &config.schema, limit).await?;
-            if json {
-                println!("{}", serde_json::to_string(&events)?);
-            } else if events.is_empty() {
-                println!("no dead events");
-            } else {
-                for e in events {
-                    println!(
-                        "{} seq={} {}/{} {} attempts={} error={}",
-                        e.id,
-                        e.seq,
-                        e.aggregate_type,
-                        e.aggregate_id,
-                        e.event_type,
-                        e.attempts,
-                        e.last_error.as_deref().unwrap_or("-")
-                    );
-                }
-            }
-        }
-        DeadAction::Replay { ids, all } => {
-            let ids = (!all).then_some(ids.as_slice());
-            let n = postgres::replay_dead(&pool, &config.schema, ids).await?;
-            println!("replayed {n} dead events");
-        }
     }
     Ok(())
 }

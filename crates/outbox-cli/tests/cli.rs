@@ -286,3 +286,588 @@ fn an_unreachable_database_is_a_clear_error_without_the_password() {
         "{shown}"
     );
 }
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap()
+}
+
+/// Waits for `child` up to `within`; kills it and returns `None` when it is still running.
+fn wait_within(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn child_stderr(child: &mut std::process::Child) -> String {
+    let mut text = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        use std::io::Read;
+        let _ = err.read_to_string(&mut text);
+    }
+    text
+}
+
+/// `relay --drain` exits 0 only when it drained: 1 when events are left retrying or dead (and
+/// says what), 1 when store errors ended it, 2 for bad usage.
+#[tokio::test]
+async fn drain_exit_codes_say_whether_the_outbox_was_drained() {
+    let db = TestDb::new().await.unwrap();
+    let ids = enqueue(&db, 4, 1).await;
+    let out = run(outbox(&db.url).args(["relay", "--drain", "--publisher", "kafka"]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    // One event left dead, one waiting out a backoff; the other two are deliverable.
+    sqlx::query(
+        "UPDATE outbox_event SET status = 'dead', attempts = 10, last_error = 'boom' WHERE id = $1",
+    )
+    .bind(ids[0])
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE outbox_event SET attempts = 1, available_at = now() + interval '1 hour' WHERE id = $1")
+        .bind(ids[1])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = run(outbox(&db.url).args(["relay", "--drain", "--publisher", "null"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("not drained"), "{err}");
+    assert!(
+        err.contains("1 dead") && err.contains("1 of them retrying"),
+        "{err}"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox_event").await, 2);
+
+    // Nothing left but what is deliverable: drained.
+    sqlx::query("DELETE FROM outbox_event")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    enqueue(&db, 2, 2).await;
+    let out = run(outbox(&db.url).args(["relay", "--drain", "--publisher", "null"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // The store refuses every settle: the drain gives up and must not claim success.
+    enqueue(&db, 2, 2).await;
+    sqlx::query(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN RAISE EXCEPTION 'settles refused by the test'; END $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TRIGGER refuse BEFORE DELETE ON outbox_event FOR EACH ROW EXECUTE FUNCTION refuse()")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = run(outbox(&db.url).args(["relay", "--drain", "--publisher", "null"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("not drained") && err.contains("store errors"),
+        "{err}"
+    );
+    assert!(err.contains("4 pending left"), "{err}");
+    db.drop_db().await.unwrap();
+}
+
+/// SIGTERM during `relay --drain`: the batch in flight is published and settled, nothing more is
+/// claimed, and the exit code says the outbox was not drained.
+#[tokio::test]
+async fn sigterm_during_a_drain_settles_the_batch_and_exits() {
+    let db = TestDb::new().await.unwrap();
+    let ids = enqueue(&db, 50, 40).await; // 2000 events, one batch of one each
+    let file = temp_file("drain-sigterm.jsonl");
+    let mut child = outbox(&db.url)
+        .args(["relay", "--drain", "--publisher"])
+        .arg(format!("file:{}", file.display()))
+        .env("OUTBOX_RELAY__BATCH_SIZE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while read_lines(&file).len() < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(child.id(), "TERM");
+    let status = wait_within(&mut child, Duration::from_secs(10));
+    let err = child_stderr(&mut child);
+    let status = status.unwrap_or_else(|| panic!("the drain did not stop after SIGTERM: {err}"));
+
+    let written: Vec<uuid::Uuid> = read_lines(&file).iter().map(|l| l.0).collect();
+    let unique: HashSet<uuid::Uuid> = written.iter().copied().collect();
+    assert_eq!(unique.len(), written.len(), "an event was written twice");
+    let left: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM outbox_event")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        left.iter().all(|id| !unique.contains(id)),
+        "a written event was not settled before exit"
+    );
+    assert_eq!(unique.len() + left.len(), ids.len(), "events were lost");
+    assert!(
+        !left.is_empty(),
+        "the drain finished before the signal; make it longer"
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted by SIGTERM"), "{err}");
+    std::fs::remove_file(file).ok();
+    db.drop_db().await.unwrap();
+}
+
+/// A `relay --publisher stdout` whose standard output nobody reads, over 300 events large enough
+/// that one batch fills the pipe: after 1.5 s its first write is blocked.
+async fn relay_with_unread_stdout(db: &TestDb, env: &[(&str, &str)]) -> std::process::Child {
+    let api = Outbox::new(Schema::default());
+    let mut tx = db.pool.begin().await.unwrap();
+    let events = (0..300).map(|i| {
+        NewEvent::new("order", format!("k{i}"), "E")
+            .payload(&serde_json::json!({ "pad": "x".repeat(2000) }))
+            .unwrap()
+    });
+    api.enqueue_all(&mut tx, events).await.unwrap();
+    tx.commit().await.unwrap();
+    let child = outbox(&db.url)
+        .args(["relay", "--publisher", "stdout"])
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped()) // kept open, never read
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child
+}
+
+/// A relay whose standard output nobody reads: after SIGTERM it exits within the publish
+/// timeout and the shutdown grace, although the write is still blocked, and loses nothing.
+#[tokio::test]
+async fn shutdown_is_bounded_when_a_stdout_write_is_blocked() {
+    let db = TestDb::new().await.unwrap();
+    let mut child = relay_with_unread_stdout(&db, &[("OUTBOX_RELAY__PUBLISH_TIMEOUT", "1s")]).await;
+    signal(child.id(), "TERM");
+    let status = wait_within(&mut child, Duration::from_secs(10));
+    let err = child_stderr(&mut child);
+    assert!(
+        status.is_some(),
+        "the relay did not exit after SIGTERM: {err}"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox_event").await,
+        300,
+        "{err}"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox_event WHERE status = 'dead'"
+        )
+        .await,
+        0
+    );
+    drop(child.stdout.take());
+    db.drop_db().await.unwrap();
+}
+
+/// A second SIGTERM while the batch in flight cannot finish exits at once with 128 + 15.
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let db = TestDb::new().await.unwrap();
+    let env = [
+        ("OUTBOX_RELAY__PUBLISH_TIMEOUT", "60s"),
+        ("OUTBOX_RELAY__TRANSACTION_TIMEOUT", "120s"),
+    ];
+    let mut child = relay_with_unread_stdout(&db, &env).await;
+    signal(child.id(), "TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still finishing its batch"
+    );
+    let second = Instant::now();
+    signal(child.id(), "TERM");
+    let status = wait_within(&mut child, Duration::from_secs(5));
+    let err = child_stderr(&mut child);
+    let status = status.unwrap_or_else(|| panic!("a second SIGTERM did not exit at once: {err}"));
+    assert!(second.elapsed() < Duration::from_secs(3));
+    assert_eq!(status.code(), Some(143), "{err}");
+    assert!(err.contains("second SIGTERM"), "{err}");
+    // The unsettled batch went back with the connection: every event is still there.
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox_event").await, 300);
+    db.drop_db().await.unwrap();
+}
+
+/// `outbox relay | head -2`: once the reader is gone, the relay stops with one clear line and
+/// exit code 1; events it could not write stay pending, with no attempt charged.
+#[tokio::test]
+async fn relay_into_a_closed_pipe_stops_with_a_clear_message_and_loses_nothing() {
+    use std::io::BufRead;
+    let db = TestDb::new().await.unwrap();
+    enqueue(&db, 5, 20).await; // 100 events
+    let mut child = outbox(&db.url)
+        .args(["relay", "--publisher", "stdout"])
+        .env("OUTBOX_RELAY__BATCH_SIZE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        for _ in 0..2 {
+            lines.next().unwrap().unwrap();
+        }
+    } // `head -2` exits: the read end closes
+    let status = wait_within(&mut child, Duration::from_secs(15));
+    let err = child_stderr(&mut child);
+    let status = status.unwrap_or_else(|| panic!("the relay kept running: {err}"));
+    assert_eq!(status.code(), Some(1), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("broken pipe"), "{err}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox_event WHERE status <> 'pending' OR attempts > 0"
+        )
+        .await,
+        0,
+        "an event was charged for the closed pipe"
+    );
+    assert!(count(&db, "SELECT count(*) FROM outbox_event").await > 0);
+    db.drop_db().await.unwrap();
+}
+
+/// `--publisher file:FIFO`: a FIFO cannot be fsynced; every event is delivered once and the drain
+/// exits 0.
+#[tokio::test]
+async fn the_file_publisher_writes_to_a_fifo() {
+    use std::io::BufRead;
+    let db = TestDb::new().await.unwrap();
+    let ids = enqueue(&db, 5, 10).await;
+    let fifo = temp_file("events.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || {
+        let file = std::fs::File::open(reader_path).unwrap();
+        std::io::BufReader::new(file)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<uuid::Uuid>()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    });
+    let out = run(outbox(&db.url)
+        .args(["relay", "--drain", "--publisher"])
+        .arg(format!("file:{}", fifo.display()))
+        .env("OUTBOX_RELAY__BATCH_SIZE", "7"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let read = reader.join().unwrap();
+    assert_eq!(read, ids, "every event once, in order");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox_event").await, 0);
+    std::fs::remove_file(fifo).ok();
+    db.drop_db().await.unwrap();
+}
+
+/// `outbox config | head -1` and the other printing commands: a reader that went away ends the
+/// command quietly (exit 0, no panic, no backtrace).
+#[tokio::test]
+async fn printing_into_a_closed_pipe_exits_quietly() {
+    let db = TestDb::new().await.unwrap();
+    enqueue(&db, 1, 1).await;
+    sqlx::query("UPDATE outbox_event SET status = 'dead', last_error = 'x'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for args in [
+        &["config"][..],
+        &["status"],
+        &["dead", "list"],
+        &["dead", "list", "--json"],
+        &["migrate", "--print"],
+    ] {
+        let mut child = outbox(&db.url)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before anything is written
+        let status = wait_within(&mut child, Duration::from_secs(10));
+        let err = child_stderr(&mut child);
+        let status = status.unwrap_or_else(|| panic!("{args:?} did not exit: {err}"));
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(status.code(), Some(0), "{args:?}: {err}");
+    }
+    db.drop_db().await.unwrap();
+}
+
+/// `OUTBOX_LOG_FORMAT=json`: every line on standard error is a JSON object: the start line names
+/// profile, schema, redacted database, publisher and destinations; the summary and the shutdown
+/// line carry counters as fields. Text logs on a pipe have no colour codes. A bad `OUTBOX_LOG` or
+/// `OUTBOX_LOG_FORMAT` is a usage error naming the variable.
+#[tokio::test]
+async fn logs_are_json_lines_or_plain_text_and_bad_log_settings_exit_2() {
+    let db = TestDb::new().await.unwrap();
+    enqueue(&db, 3, 3).await;
+    let with_password = db.url.replacen("postgres@", "postgres:hunter2@", 1);
+    let file = temp_file("json-logs.jsonl");
+    let mut child = outbox(&with_password)
+        .args(["relay", "--summary-interval", "1s", "--publisher"])
+        .arg(format!("file:{}", file.display()))
+        .env("OUTBOX_LOG", "info")
+        .env("OUTBOX_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while read_lines(&file).len() < 9 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(2500)); // at least one summary interval
+    signal(child.id(), "TERM");
+    let status = wait_within(&mut child, Duration::from_secs(10));
+    let err = child_stderr(&mut child);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    assert!(!err.contains("hunter2"), "the password leaked: {err}");
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let find = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in {err}"))
+    };
+    let start = find("outbox relay starting");
+    assert_eq!(start["profile"], "local");
+    assert_eq!(start["schema"], "public");
+    assert_eq!(start["publisher"], format!("file:{}", file.display()));
+    assert_eq!(start["destinations"], file.display().to_string());
+    assert!(
+        start["database"]
+            .as_str()
+            .unwrap()
+            .contains("postgres:***@"),
+        "{start}"
+    );
+    assert!(
+        start["level"] == "INFO" && start["timestamp"].is_string(),
+        "{start}"
+    );
+    let summary = find("relay summary");
+    assert_eq!(summary["published"], 9, "{summary}");
+    assert_eq!(summary["backlog_pending"], 0, "{summary}");
+    let stopped = find("outbox relay stopped");
+    assert_eq!(stopped["published"], 9, "{stopped}");
+    assert_eq!(stopped["dead"], 0, "{stopped}");
+
+    // Text on a pipe: no ANSI escape sequences.
+    let out = run(outbox(&db.url)
+        .args(["relay", "--drain", "--publisher", "null"])
+        .env("OUTBOX_LOG", "info"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("drain finished"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains('\u{1b}'), "{:?}", stderr(&out));
+
+    for (var, value) in [
+        ("OUTBOX_LOG", "infoo"),
+        ("OUTBOX_LOG", "info,sqlx=lots"),
+        ("OUTBOX_LOG_FORMAT", "yaml"),
+    ] {
+        let out = run(outbox(&db.url).args(["status"]).env(var, value));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{var}={value}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains(var),
+            "{var}={value}: {}",
+            stderr(&out)
+        );
+    }
+    std::fs::remove_file(file).ok();
+    db.drop_db().await.unwrap();
+}
+
+/// `outbox dead ...`: list with filters, show one, replay several (naming the ids it did not
+/// find), delete by filter with a dry run and a confirmation that a script must give with --yes.
+#[tokio::test]
+async fn dead_letter_commands_list_show_replay_and_delete() {
+    let db = TestDb::new().await.unwrap();
+    let outbox_api = Outbox::new(Schema::default());
+    let mut tx = db.pool.begin().await.unwrap();
+    let mut ids = Vec::new();
+    for (key, ty) in [
+        ("o-1", "OrderPlaced"),
+        ("o-2", "OrderPaid"),
+        ("o-3", "OrderPaid"),
+        ("o-4", "OrderShipped"),
+    ] {
+        let event = NewEvent::new("order", key, ty)
+            .payload(&serde_json::json!({ "order": key, "cents": 1250 }))
+            .unwrap()
+            .header("traceparent", "00-abc-01")
+            .destination("orders");
+        ids.push(outbox_api.enqueue(&mut tx, event).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    sqlx::query(
+        "UPDATE outbox_event SET status = 'dead', attempts = 10,
+             last_error = CASE aggregate_id WHEN 'o-1' THEN 'gave up after 10 attempts: Timeout talking to SQS'
+                                            ELSE 'permanent failure: message too large' END",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let list = |args: &[&str]| -> Vec<uuid::Uuid> {
+        let out = run(outbox(&db.url).args(["dead", "list", "--json"]).args(args));
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        v.iter()
+            .map(|e| e["id"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    assert_eq!(list(&[]), ids);
+    assert_eq!(list(&["--type", "OrderPaid"]), ids[1..3].to_vec());
+    assert_eq!(list(&["--key", "order/o-3"]), vec![ids[2]]);
+    assert_eq!(list(&["--key", "order"]), ids);
+    assert_eq!(list(&["--error", "TIMEOUT"]), vec![ids[0]]);
+    assert_eq!(list(&["--since", "1h"]), ids);
+    assert!(list(&["--since", "2999-01-01"]).is_empty());
+    assert_eq!(list(&["--type", "OrderPaid", "--limit", "1"]), vec![ids[1]]);
+    for bad in [
+        &["--limit", "0"][..],
+        &["--limit", "10001"],
+        &["--key", "order/"],
+        &["--since", "soon"],
+    ] {
+        let out = run(outbox(&db.url).args(["dead", "list"]).args(bad));
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+    }
+
+    let out = run(outbox(&db.url)
+        .args(["dead", "show"])
+        .arg(ids[0].to_string()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for part in [
+        "order/o-1",
+        "OrderPlaced",
+        "orders",
+        "attempts     10",
+        "Timeout talking to SQS",
+        "traceparent",
+        "\"cents\": 1250",
+    ] {
+        assert!(shown.contains(part), "missing {part:?} in {shown}");
+    }
+    let out = run(outbox(&db.url)
+        .args(["dead", "show", "--json"])
+        .arg(ids[0].to_string()));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["payload"]["cents"], 1250);
+    assert_eq!(v["headers"]["traceparent"], "00-abc-01");
+    assert_eq!(v["destination"], "orders");
+    let unknown = uuid::Uuid::now_v7();
+    let out = run(outbox(&db.url)
+        .args(["dead", "show"])
+        .arg(unknown.to_string()));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&unknown.to_string()),
+        "{}",
+        stderr(&out)
+    );
+
+    // Replay two ids and one that is not dead: the two are replayed, the third is named, exit 1.
+    let out = run(outbox(&db.url)
+        .args(["dead", "replay", &ids[0].to_string(), &unknown.to_string()])
+        .args(["--id", &ids[3].to_string()]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&unknown.to_string()),
+        "{}",
+        stderr(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 2 dead events"));
+    let replayed: Vec<(uuid::Uuid, String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT id, status, attempts, last_error FROM outbox_event WHERE id = ANY($1) ORDER BY seq",
+    )
+    .bind(vec![ids[0], ids[3]])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for (id, status, attempts, error) in replayed {
+        assert_eq!(
+            (status.as_str(), attempts, error),
+            ("pending", 0, None),
+            "{id}"
+        );
+    }
+    let out = run(outbox(&db.url).args(["dead", "replay"]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a replay needs ids, a filter or --all"
+    );
+
+    // Delete: refused without a terminal or --yes, a dry run changes nothing, --yes deletes.
+    let dead = "SELECT count(*) FROM outbox_event WHERE status = 'dead'";
+    let out = run(outbox(&db.url)
+        .args(["dead", "delete", "--type", "OrderPaid"])
+        .stdin(Stdio::null()));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
+    assert_eq!(count(&db, dead).await, 2);
+    let out = run(outbox(&db.url).args(["dead", "delete", "--dry-run", "--type", "OrderPaid"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("would delete 2") && text.contains(&ids[2].to_string()),
+        "{text}"
+    );
+    assert_eq!(count(&db, dead).await, 2);
+    let out =
+        run(outbox(&db.url).args(["dead", "delete", "--yes", "--json", "--key", "order/o-2"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["deleted"], serde_json::json!([ids[1].to_string()]));
+    assert_eq!(count(&db, dead).await, 1);
+    let out = run(outbox(&db.url).args(["dead", "delete", "--yes"]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a delete needs ids, a filter or --all"
+    );
+    assert_eq!(count(&db, dead).await, 1);
+    db.drop_db().await.unwrap();
+}

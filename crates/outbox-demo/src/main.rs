@@ -5,7 +5,8 @@
 //! - `outbox-demo drive`: a stream of orders over HTTP, then the summary (exit 1 if not all OK).
 //!
 //! Configuration: the demo's `outbox.toml` (or `--config` / `OUTBOX_CONFIG`), profile from
-//! `OUTBOX_PROFILE`. Logs go to standard error (`OUTBOX_LOG` / `RUST_LOG`, default `warn`).
+//! `OUTBOX_PROFILE`. Logs go to standard error (`OUTBOX_LOG` / `RUST_LOG`, default `warn`;
+//! `OUTBOX_LOG_FORMAT=json`), set up by `outbox::logging` as in the CLI.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -85,7 +86,14 @@ enum Store {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The CLI's variables (OUTBOX_LOG, OUTBOX_LOG_FORMAT, NO_COLOR), quieter by default.
+    if let Err(e) = outbox::logging::init(outbox::logging::LogOptions {
+        default_filter: "warn",
+        timestamps: true,
+    }) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -103,19 +111,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("OUTBOX_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

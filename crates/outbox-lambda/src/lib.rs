@@ -14,10 +14,11 @@
 //!
 //! Build and deploy: see this crate's README.md.
 
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use outbox::postgres::{self, PgStore};
-use outbox::relay::RelaySnapshot;
+use outbox::relay::{RelayError, RelaySnapshot};
 use outbox::{Config, ConfigSource, Publisher, Relay};
 use serde::Serialize;
 
@@ -34,8 +35,8 @@ pub enum LambdaError {
     Publisher(String),
     #[error("relay setup: {0}")]
     Setup(#[from] postgres::SetupError),
-    #[error("relay task failed: {0}")]
-    Task(String),
+    #[error("relay: {0}")]
+    Relay(#[from] RelayError),
     #[error("reading the backlog: {0}")]
     Status(#[from] sqlx::Error),
 }
@@ -67,7 +68,6 @@ pub struct LambdaRelay {
     relay: Relay<PgStore, Box<dyn Publisher>>,
     pool: sqlx::PgPool,
     schema: outbox::Schema,
-    workers: usize,
 }
 
 impl LambdaRelay {
@@ -91,7 +91,6 @@ impl LambdaRelay {
             relay,
             pool,
             schema: config.schema.clone(),
-            workers: config.relay.workers.max(1),
         })
     }
 
@@ -102,64 +101,38 @@ impl LambdaRelay {
 
     /// Drains until nothing deliverable is left or `deadline` passes; a batch in progress at the
     /// deadline finishes (so leave a margin of one `relay.publish_timeout` before the Lambda
-    /// timeout).
+    /// timeout). The core's [`Relay::drain_until`], so the Lambda drains exactly as `outbox relay
+    /// --drain` does; repeated store errors fail the invocation.
     pub async fn drain_until(&self, deadline: Option<Instant>) -> Result<DrainReport, LambdaError> {
         let started = Instant::now();
-        let before = self.relay.stats().snapshot();
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..self.workers {
-            let relay = self.relay.clone();
-            tasks.spawn(async move {
-                let mut store_failures = 0u32;
-                loop {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return true;
+        let exhausted = AtomicBool::new(false);
+        let report = if deadline.is_some_and(|d| d <= started) {
+            exhausted.store(true, Ordering::Relaxed);
+            RelaySnapshot::default()
+        } else {
+            let stop = async {
+                match deadline {
+                    Some(d) => {
+                        tokio::time::sleep_until(d.into()).await;
+                        exhausted.store(true, Ordering::Relaxed);
                     }
-                    match relay.run_once().await {
-                        Ok(report) if report.claimed == 0 => return false,
-                        Ok(_) => store_failures = 0,
-                        Err(e) => {
-                            store_failures += 1;
-                            if store_failures > 5 {
-                                tracing::error!(error = %e, "giving up this invocation after repeated store errors");
-                                return false;
-                            }
-                            tokio::time::sleep(Duration::from_millis(100 << store_failures)).await;
-                        }
-                    }
+                    None => std::future::pending().await,
                 }
-            });
-        }
-        let mut budget_exhausted = false;
-        while let Some(joined) = tasks.join_next().await {
-            budget_exhausted |= joined.map_err(|e| LambdaError::Task(e.to_string()))?;
-        }
-        let after = self.relay.stats().snapshot();
+            };
+            self.relay.drain_until(stop).await?
+        };
         let status = postgres::status(&self.pool, &self.schema).await?;
-        let d = diff(&after, &before);
         Ok(DrainReport {
-            published: d.published,
-            retried: d.retried,
-            dead: d.dead,
-            batches: d.batches,
-            claims_lost: d.claims_lost,
-            store_errors: d.store_errors,
+            published: report.published,
+            retried: report.retried,
+            dead: report.dead,
+            batches: report.batches,
+            claims_lost: report.claims_lost,
+            store_errors: report.store_errors,
             backlog: status.pending,
-            budget_exhausted,
+            budget_exhausted: exhausted.load(Ordering::Relaxed),
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
-    }
-}
-
-fn diff(after: &RelaySnapshot, before: &RelaySnapshot) -> RelaySnapshot {
-    RelaySnapshot {
-        batches: after.batches - before.batches,
-        published: after.published - before.published,
-        retried: after.retried - before.retried,
-        deferred: after.deferred - before.deferred,
-        dead: after.dead - before.dead,
-        claims_lost: after.claims_lost - before.claims_lost,
-        store_errors: after.store_errors - before.store_errors,
     }
 }
 

@@ -13,14 +13,12 @@ const SAFETY_MARGIN: Duration = Duration::from_secs(3);
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
-        )
-        .with_ansi(false)
-        .without_time() // CloudWatch stamps every line
-        .init();
+    // The CLI's variables (OUTBOX_LOG, OUTBOX_LOG_FORMAT=json for CloudWatch Logs Insights,
+    // NO_COLOR); a bad value fails the cold start with a message naming it.
+    outbox::logging::init(outbox::logging::LogOptions {
+        default_filter: "info,sqlx=warn",
+        timestamps: false, // CloudWatch stamps every line
+    })?;
     let config = outbox_lambda::load_config()?;
     let relay = Arc::new(LambdaRelay::from_config(&config).await?);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
@@ -37,6 +35,15 @@ async fn invoke(relay: &LambdaRelay, deadline_ms: u64) -> Result<DrainReport, Er
     let remaining = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
     let deadline = Instant::now() + remaining.saturating_sub(SAFETY_MARGIN);
     let report = relay.drain_until(Some(deadline)).await?;
-    tracing::info!(?report, "drained");
+    tracing::info!(
+        published = report.published,
+        retried = report.retried,
+        dead = report.dead,
+        batches = report.batches,
+        backlog = report.backlog,
+        budget_exhausted = report.budget_exhausted,
+        elapsed_ms = report.elapsed_ms,
+        "drained"
+    );
     Ok(report)
 }

@@ -3,9 +3,9 @@
 //!
 //! The profile comes from `OUTBOX_PROFILE` (default `local`). Environment overrides use the prefix
 //! `OUTBOX_` and `__` between levels: `OUTBOX_RELAY__BATCH_SIZE=500`; `DATABASE_URL` sets
-//! `database.url`. `OUTBOX_PROFILE`, `OUTBOX_CONFIG`, `OUTBOX_LOG` and `OUTBOX_TEST_*`,
-//! `OUTBOX_BENCH_*`, `OUTBOX_FAULTS_*`, `OUTBOX_DEMO_*` are not keys; any other `OUTBOX_*` variable
-//! must name one. Everything is validated at start-up; an error names the key and the fix.
+//! `database.url`. `OUTBOX_PROFILE`, `OUTBOX_CONFIG`, `OUTBOX_LOG`, `OUTBOX_LOG_FORMAT` and
+//! `OUTBOX_TEST_*`, `OUTBOX_BENCH_*`, `OUTBOX_FAULTS_*`, `OUTBOX_DEMO_*` are not keys; any other
+//! `OUTBOX_*` variable must name one. Everything is validated at start-up; an error names the key and the fix.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -566,7 +566,7 @@ impl Config {
 /// mistyped override is an error rather than silently ignored.
 fn is_reserved_env(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    matches!(key.as_str(), "profile" | "config" | "log")
+    matches!(key.as_str(), "profile" | "config" | "log" | "log_format")
         || ["test_", "bench_", "faults_", "demo_"]
             .iter()
             .any(|prefix| key.starts_with(prefix))

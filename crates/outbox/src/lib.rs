@@ -13,11 +13,14 @@
 //! - [`relay`]: the engine ([`Relay`]): embedded ([`Relay::spawn`]), as a service
 //!   ([`Relay::run`]) or once per invocation ([`Relay::drain`]).
 //! - [`config`]: layered configuration with `local` / `dev` / `prod` profiles.
+//! - `logging` (feature `logging`): the log set-up the project's binaries share.
 //!
 //! Broker publishers live in their own crates (`outbox-aws`), the CLI in `outbox-cli`.
 
 pub mod config;
 pub mod event;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod postgres;
 pub mod publisher;
 pub mod relay;

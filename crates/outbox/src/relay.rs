@@ -168,6 +168,10 @@ pub enum RelayError {
     /// relay stopped, since nothing more can be published by this process.
     #[error("the publisher cannot continue: {0}")]
     PublisherFatal(String),
+    /// A drain's store calls failed this many times in a row (the database is unreachable or
+    /// refuses the relay); what was published before is settled, the rest stays pending.
+    #[error("gave up after {failures} store errors in a row: {last}")]
+    StoreFailed { failures: u32, last: String },
 }
 
 /// The relay engine over a store and a publisher.
@@ -333,37 +337,61 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     }
 
     /// Publishes until no deliverable event is left, with all workers, then returns. Events in
-    /// backoff are left for later.
+    /// backoff are left for later. See [`Relay::drain_until`].
     pub async fn drain(&self) -> Result<RelaySnapshot, RelayError> {
+        self.drain_until(std::future::pending()).await
+    }
+
+    /// Publishes until no deliverable event is left or `stop` completes, whichever is first, and
+    /// returns what this drain did. After `stop`, no worker claims again; a batch in flight is
+    /// published and settled first (a signal handler, or a Lambda's deadline minus one
+    /// `publish_timeout`). A `stop` that is already complete claims nothing.
+    ///
+    /// Fails with [`RelayError::StoreFailed`] when a worker's store calls keep failing (the
+    /// database is gone): the caller must not report the outbox as drained.
+    pub async fn drain_until(
+        &self,
+        stop: impl Future<Output = ()> + Send,
+    ) -> Result<RelaySnapshot, RelayError> {
+        let mut stop = std::pin::pin!(stop);
+        if (&mut stop).now_or_never().is_some() {
+            return Ok(RelaySnapshot::default());
+        }
         self.inner
             .publisher
             .check()
             .await
             .map_err(RelayError::PublisherCheck)?;
         let before = self.inner.stats.snapshot();
+        let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         for _ in 0..self.inner.options.workers {
             let relay = self.clone();
-            tasks.spawn(async move {
-                let mut store_failures = 0u32;
-                loop {
-                    match relay.run_once().await {
-                        Ok(report) if report.claimed == 0 => return,
-                        Ok(_) => store_failures = 0,
-                        Err(e) => {
-                            store_failures += 1;
-                            if store_failures > 5 {
-                                tracing::error!(error = %e, "drain gives up after repeated store errors");
-                                return;
-                            }
-                            tokio::time::sleep(error_pause(store_failures)).await;
-                        }
-                    }
-                }
-            });
+            let stop = stop_rx.clone();
+            tasks.spawn(async move { relay.drain_worker(stop).await });
         }
-        while let Some(joined) = tasks.join_next().await {
-            joined.map_err(|e| RelayError::Task(e.to_string()))?;
+        let mut stopping = false;
+        let mut failure = None;
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => match joined {
+                    None => break,
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => {
+                        failure.get_or_insert(e);
+                    }
+                    Some(Err(e)) => {
+                        failure.get_or_insert(RelayError::Task(e.to_string()));
+                    }
+                },
+                () = &mut stop, if !stopping => {
+                    stopping = true;
+                    let _ = stop_tx.send(true);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         if let Some(reason) = self.fatal() {
             return Err(RelayError::PublisherFatal(reason));
@@ -378,6 +406,36 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             claims_lost: after.claims_lost - before.claims_lost,
             store_errors: after.store_errors - before.store_errors,
         })
+    }
+
+    /// One worker of a drain: claims until a claim comes back empty or `stop` is set.
+    async fn drain_worker(&self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+        /// Consecutive store failures after which the drain gives up (about 3 s of pauses).
+        const MAX_STORE_FAILURES: u32 = 5;
+        let mut store_failures = 0u32;
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            match self.run_once().await {
+                Ok(report) if report.claimed == 0 => return Ok(()),
+                Ok(_) => store_failures = 0,
+                Err(e) => {
+                    store_failures += 1;
+                    if store_failures > MAX_STORE_FAILURES {
+                        tracing::error!(error = %e, failures = store_failures, "drain gives up after repeated store errors");
+                        return Err(RelayError::StoreFailed {
+                            failures: store_failures,
+                            last: e.to_string(),
+                        });
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(error_pause(store_failures)) => {}
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                    }
+                }
+            }
+        }
     }
 
     /// One claim-publish-settle cycle. After a fatal publisher failure it claims nothing.

@@ -245,10 +245,13 @@ async fn exhausted_and_permanent_failures_dead_letter_with_the_reason() {
     publisher.fail(poison, Fault::Retryable(0));
     publisher.fail(flaky, Fault::Retryable(0));
     let schema = Schema::default();
+    let all = outbox::postgres::DeadSelection::Matching(Default::default());
     assert_eq!(
-        outbox::postgres::replay_dead(&db.pool, &schema, None)
+        outbox::postgres::replay_dead(&db.pool, &schema, &all)
             .await
-            .unwrap(),
+            .unwrap()
+            .changed
+            .len(),
         2
     );
     relay.drain().await.unwrap();
@@ -287,12 +290,114 @@ async fn block_key_policy_holds_a_dead_events_key_until_replayed() {
     assert_eq!(sent, vec![other], "the held key must wait; other keys flow");
 
     publisher.fail(poison, Fault::Retryable(0));
-    outbox::postgres::replay_dead(&db.pool, &Schema::default(), Some(&[poison]))
+    let selection = outbox::postgres::DeadSelection::Ids(vec![poison]);
+    outbox::postgres::replay_dead(&db.pool, &Schema::default(), &selection)
         .await
         .unwrap();
     relay.drain().await.unwrap();
     let sent: Vec<uuid::Uuid> = publisher.published().iter().map(|e| e.id).collect();
     assert_eq!(sent, vec![other, poison, held]);
+    db.drop_db().await.unwrap();
+}
+
+/// Replaying or deleting dead events releases, in the same transaction, the later events of their
+/// keys that wait parked behind them (status `parked`, `available_at = 'infinity'`), leaves other
+/// keys' parked events alone, and wakes waiting relays with a NOTIFY.
+#[tokio::test]
+async fn replay_and_delete_release_the_events_parked_behind_and_wake_relays() {
+    use outbox::postgres::{delete_dead, replay_dead, DeadFilter, DeadSelection};
+    let db = TestDb::new().await.unwrap();
+    let schema = Schema::default();
+    // The parked state of a blocked key, as the relay writes it (allowed whatever the migration
+    // that introduces it names its check).
+    sqlx::query("ALTER TABLE outbox_event DROP CONSTRAINT IF EXISTS outbox_event_status_check")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let outbox = Outbox::new(schema.clone());
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut ids = HashMap::new();
+    for (key, name) in [
+        ("1", "dead1"),
+        ("1", "parked1"),
+        ("2", "dead2"),
+        ("2", "parked2"),
+        ("3", "parked3"),
+    ] {
+        let id = outbox
+            .enqueue(&mut conn, NewEvent::new("a", key, name))
+            .await
+            .unwrap();
+        ids.insert(name, id);
+    }
+    drop(conn);
+    sqlx::query("UPDATE outbox_event SET status = 'dead', attempts = 3, last_error = 'x' WHERE event_type LIKE 'dead%'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox_event SET status = 'parked', available_at = 'infinity' WHERE event_type LIKE 'parked%'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let status_of = |name: &'static str| {
+        let pool = db.pool.clone();
+        let id = ids[name];
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT status FROM outbox_event WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener.listen(&schema.channel()).await.unwrap();
+
+    let missing = uuid::Uuid::now_v7();
+    let change = replay_dead(
+        &db.pool,
+        &schema,
+        &DeadSelection::Ids(vec![ids["dead1"], missing]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(change.changed, vec![ids["dead1"]]);
+    assert_eq!(change.not_found, vec![missing]);
+    assert_eq!(change.released, 1);
+    assert_eq!(status_of("dead1").await, "pending");
+    assert_eq!(status_of("parked1").await, "pending");
+    assert_eq!(
+        status_of("parked2").await,
+        "parked",
+        "another key stays parked"
+    );
+    let woke = tokio::time::timeout(Duration::from_secs(2), listener.recv()).await;
+    assert!(woke.is_ok(), "the replay did not notify waiting relays");
+
+    let filter = DeadFilter {
+        aggregate_type: Some("a".into()),
+        aggregate_id: Some("2".into()),
+        ..DeadFilter::default()
+    };
+    let change = delete_dead(&db.pool, &schema, &DeadSelection::Matching(filter))
+        .await
+        .unwrap();
+    assert_eq!((change.changed, change.released), (vec![ids["dead2"]], 1));
+    assert_eq!(status_of("parked2").await, "pending");
+    assert_eq!(
+        status_of("parked3").await,
+        "parked",
+        "no dead event of its key was touched"
+    );
+    let woke = tokio::time::timeout(Duration::from_secs(2), listener.recv()).await;
+    assert!(woke.is_ok(), "the delete did not notify waiting relays");
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = 'dead'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
     db.drop_db().await.unwrap();
 }
 

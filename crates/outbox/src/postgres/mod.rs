@@ -12,7 +12,10 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use admin::{dead_events, replay_dead, status, DeadEvent, Status};
+pub use admin::{
+    dead_event, dead_events, delete_dead, replay_dead, select_dead, status, AdminError, DeadChange,
+    DeadEvent, DeadEventDetail, DeadFilter, DeadSelection, Status, MAX_DEAD_LIST_LIMIT,
+};
 pub use enqueue::{EnqueueError, Outbox};
 pub use migrate::{
     check_schema, migrate, migration_sql, MigrateOptions, MigrateReport, Migration,
