@@ -221,7 +221,28 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-/// Replaces the password of a URL (`user:password@`) and any `password=` query value with `***`;
+/// URL parameters whose values are shown in redacted connection strings.
+const SHOWN_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "application_name",
+];
+
+/// Replaces the password of a URL (`user:password@`) and the value of any query parameter but the
+/// known harmless ones (`sslmode`, `host`, ...: a misspelt `password` included) with `***`;
 /// in a libpq key/value string (`host=db password=secret`), the value of `password`.
 pub fn redact_url(url: &str) -> String {
     if !url.contains("://") {
@@ -245,7 +266,8 @@ pub fn redact_url(url: &str) -> String {
         let redacted: Vec<String> = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                // Only parameters known to hold no secret are shown: a misspelt `password` is not.
+                Some((k, _)) if !SHOWN_URL_PARAMETERS.contains(&k) => format!("{k}=***"),
                 _ => pair.to_owned(),
             })
             .collect();
@@ -310,7 +332,8 @@ fn redact_keyword_values(text: &str) -> String {
         Ok(pairs) if !pairs.is_empty() => pairs
             .into_iter()
             .map(|(k, v)| {
-                if k.eq_ignore_ascii_case("password") {
+                // As for URLs: only keywords known to hold no secret are shown.
+                if !SHOWN_URL_PARAMETERS.contains(&k.as_str()) {
                     format!("{k}=***")
                 } else if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '\'') {
                     format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
@@ -908,6 +931,112 @@ mod tests {
             Ok(PublisherSpec::File("/tmp/x.jsonl".into()))
         );
         assert!("file:".parse::<PublisherSpec>().is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_naming_its_key() {
+        let text = r#"
+            [default.database]
+            connect_timeout = "0s"
+            url = "mysql://app:pw@db/app"
+            [default.relay]
+            batch_size = 0
+            poll_interval = "5ms"
+            [default.events]
+            max_field_bytes = 0
+        "#;
+        let err = load(text, "local").unwrap_err();
+        assert_eq!(err.problems().len(), 5, "{err}");
+        let text = err.to_string();
+        for needle in [
+            "5 configuration problems",
+            "`database.connect_timeout`",
+            "`database.url`",
+            "the scheme `mysql` is not PostgreSQL",
+            "`relay.batch_size`",
+            "`relay.poll_interval`",
+            "below the floor of 10ms",
+            "`events.max_field_bytes`",
+        ] {
+            assert!(text.contains(needle), "{needle:?} in:\n{text}");
+        }
+        assert!(!text.contains("events.max_payload_bytes"), "{text}");
+        assert!(!text.contains(":pw@"), "{text}");
+        // The file is named as the source of a value set there.
+        assert!(
+            text.contains("(set by /") && text.contains(".toml)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn malformed_connection_strings_are_configuration_errors_without_the_password() {
+        for url in [
+            "postgres://app:Secr3t-pw@db:99999/app",
+            "postgres://app:Secr3t-pw@db/app?passwrd=Secr3t-pw",
+            "mysql://app:Secr3t-pw@db/app",
+            "host=db password='Secr3t-pw",
+            "host=db Secr3t-pw",
+            "host=db password=Secr3t-pw connect_timeout=3",
+            "host=db passwrd=Secr3t-pw",
+            "db.internal:5432/app",
+        ] {
+            let err = load(
+                &format!("[default.database]\nurl = {}\n", toml_string(url)),
+                "local",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("`database.url`"), "{url}: {err}");
+            assert!(!err.contains("Secr3t-pw"), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn key_value_connection_strings_are_supported_and_redacted() {
+        let url = DatabaseUrl::new(
+            "host=db.internal port=6432 user=app password='s3 cr\\'et' dbname=app sslmode=require",
+        );
+        for shown in [
+            format!("{url:?}"),
+            url.to_string(),
+            url.redacted(),
+            serde_json::to_string(&url).unwrap(),
+        ] {
+            assert!(!shown.contains("s3 cr"), "{shown}");
+            assert!(
+                shown.contains("password=***") && shown.contains("host=db.internal"),
+                "{shown}"
+            );
+        }
+        assert_eq!(url.password().as_deref(), Some("s3 cr'et"));
+        let options = crate::postgres::connect_options(&url).unwrap();
+        assert_eq!(options.get_host(), "db.internal");
+        assert_eq!(options.get_port(), 6432);
+        assert_eq!(options.get_username(), "app");
+        assert_eq!(options.get_database(), Some("app"));
+        assert_eq!(
+            keyword_values("a=1  b = 'x y' c=\\ ").unwrap(),
+            [
+                ("a".into(), "1".into()),
+                ("b".into(), "x y".into()),
+                ("c".into(), " ".into())
+            ]
+        );
+        assert!(keyword_values("a='open").is_err());
+        let config = load(
+            "[default.database]\nurl = \"host=db user=app password=s3cr3t-kv\"\n",
+            "local",
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("s3cr3t-kv"));
+        assert!(!serde_json::to_string(&config)
+            .unwrap()
+            .contains("s3cr3t-kv"));
+    }
+
+    fn toml_string(s: &str) -> String {
+        serde_json::to_string(s).unwrap() // a JSON string is a valid TOML basic string here
     }
 
     #[test]

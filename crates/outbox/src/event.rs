@@ -61,7 +61,7 @@ pub enum EventError {
         "event payload must be a JSON object, got {found}: wrap the value, e.g. {{\"value\": ...}}"
     )]
     PayloadNotObject { found: &'static str },
-    #[error("event payload is {len} bytes, over the limit of {limit} (events.max_payload_bytes, set to what the destinations accept): store large data elsewhere and reference it, or configure an S3 claim check ([aws.large_payloads]) and raise the limit")]
+    #[error("event payload is {len} bytes, over the limit of {limit} (events.max_payload_bytes): store large data elsewhere and reference it, or raise the limit where the destinations take more (or with an S3 claim check, [aws.large_payloads])")]
     PayloadTooLarge { len: usize, limit: usize },
     #[error("event payload could not be serialized to JSON: {0}")]
     Serialize(String),
