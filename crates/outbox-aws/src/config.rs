@@ -830,6 +830,13 @@ pub(crate) fn render_template(template: &str, event: &outbox::OutboxEvent) -> St
         .replace("{event_type}", &event.event_type)
 }
 
+/// The largest payload, in bytes, that any destination of the configuration can take (`None` with
+/// an S3 claim check: any size), for producers that want to check `events.max_payload_bytes`
+/// against the destinations (`outbox config` and the relay warn when it is above).
+pub fn max_event_bytes(config: &outbox::Config) -> Result<Option<usize>, AwsConfigError> {
+    Ok(AwsConfig::from_config(config)?.max_event_bytes())
+}
+
 /// The value of a section that parsed; a section that did not is added to `problems`.
 fn keep<T>(
     problems: &mut Vec<AwsConfigError>,
@@ -1044,7 +1051,7 @@ mod tests {
             Some(limits::EVENTBRIDGE_MAX_ENTRY_BYTES)
         );
         // The default payload limit fits every built-in destination.
-        assert!(outbox::event::DEFAULT_MAX_PAYLOAD_BYTES < limits::EVENTBRIDGE_MAX_ENTRY_BYTES);
+        const { assert!(outbox::event::DEFAULT_MAX_PAYLOAD_BYTES < limits::EVENTBRIDGE_MAX_ENTRY_BYTES) };
         let big = outbox::EventLimits {
             max_payload_bytes: 4 << 20,
             ..defaults
