@@ -275,6 +275,11 @@ fn an_unreachable_database_is_a_clear_error_without_the_password() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("cannot connect to PostgreSQL"), "{err}");
+    // The real cause, not the pool's "timed out".
+    assert!(
+        err.contains("Connection refused") && !err.contains("timed out"),
+        "{err}"
+    );
     assert!(err.contains("app:***@127.0.0.1:1"), "{err}");
     assert!(!err.contains("hunter2"), "the password leaked: {err}");
 
@@ -412,6 +417,12 @@ async fn migrate_reports_changes_and_refusals_and_the_relay_reports_drift() {
         stderr(&out).contains("already exists and is not the outbox's")
             && stderr(&out).contains("OUTBOX_SCHEMA"),
         "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        stderr(&out).matches("already exists").count(),
+        1,
+        "each cause once: {}",
         stderr(&out)
     );
     let out = run(outbox(&other.url)
