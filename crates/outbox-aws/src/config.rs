@@ -48,9 +48,29 @@ pub enum AwsConfigError {
     NoRegion { profile: String },
     #[error("unknown profile `{0}`: use local, dev or prod")]
     UnknownProfile(String),
+    /// Every problem found, when there is more than one.
+    #[error("{} problems in the AWS configuration:\n  - {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  - "))]
+    Several(Vec<AwsConfigError>),
 }
 
 impl AwsConfigError {
+    /// The individual problems (one, or those of [`AwsConfigError::Several`]).
+    pub fn problems(&self) -> Vec<&AwsConfigError> {
+        match self {
+            Self::Several(all) => all.iter().collect(),
+            other => vec![other],
+        }
+    }
+
+    /// `Ok` without problems, the problem itself for one, [`AwsConfigError::Several`] for more.
+    fn from_problems(mut problems: Vec<AwsConfigError>) -> Result<(), AwsConfigError> {
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            _ => Err(Self::Several(problems)),
+        }
+    }
+
     fn value(key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
         Self::Value {
             key: key.into(),
@@ -387,7 +407,9 @@ impl AwsSettings {
         let profile = Profile::parse(&config.profile)?;
         let aws: AwsSection = section(&config.aws, "aws")?.unwrap_or_default();
         let settings = Self { profile, aws };
-        settings.validate()?;
+        let mut problems = Vec::new();
+        settings.validate(&mut problems);
+        AwsConfigError::from_problems(problems)?;
         Ok(settings)
     }
 
@@ -399,7 +421,8 @@ impl AwsSettings {
         }
     }
 
-    fn validate(&self) -> Result<(), AwsConfigError> {
+    /// Adds every problem of `[aws]` to `problems`.
+    fn validate(&self, problems: &mut Vec<AwsConfigError>) {
         let aws = &self.aws;
         let endpoints = [
             ("aws.endpoint", &aws.endpoint),
@@ -413,15 +436,16 @@ impl AwsSettings {
             if !self.profile.is_local() {
                 // A `[default.aws] endpoint` meant for the emulator must never silently follow a
                 // deployment to real AWS.
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     key,
                     format!("an endpoint is set for the `{}` profile", self.profile),
                     "endpoints in outbox.toml are for the local profile only: move it to [local.aws]; \
                      to reach AWS through another endpoint in dev/prod use AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_<SERVICE>",
                 ));
+                continue;
             }
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     key,
                     format!("{url:?} is not an http(s) URL"),
                     "use a URL such as \"http://localhost:4566\"",
@@ -434,7 +458,7 @@ impl AwsSettings {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-')
             {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     "aws.region",
                     format!("{region:?} is not a region name"),
                     "use a region such as \"eu-west-1\"",
@@ -443,7 +467,7 @@ impl AwsSettings {
         }
         if let Some(large) = &aws.large_payloads {
             if large.bucket.is_empty() {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     "aws.large_payloads.bucket",
                     "the bucket name is empty",
                     "name an S3 bucket, or remove [aws.large_payloads] to dead-letter oversized events",
@@ -455,7 +479,7 @@ impl AwsSettings {
                 .map(|v| !v.is_object())
                 .unwrap_or(true)
             {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     format!("aws.bootstrap.rules[{i}].event_pattern"),
                     format!(
                         "rule `{}` has a pattern that is not a JSON object",
@@ -467,39 +491,88 @@ impl AwsSettings {
         }
         for (i, r) in aws.bootstrap.redrive.iter().enumerate() {
             if r.queue.ends_with(".fifo") != r.dead_letter_queue.ends_with(".fifo") {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     format!("aws.bootstrap.redrive[{i}].dead_letter_queue"),
                     format!("`{}` and `{}` are not both FIFO or both standard", r.queue, r.dead_letter_queue),
                     "SQS requires the dead-letter queue of a FIFO queue to be FIFO (name ending in .fifo), and of a standard queue to be standard",
                 ));
             }
             if !(1..=1000).contains(&r.max_receive_count) {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     format!("aws.bootstrap.redrive[{i}].max_receive_count"),
                     format!("{} is out of range", r.max_receive_count),
                     "use 1 to 1000",
                 ));
             }
         }
-        Ok(())
     }
 }
 
 impl AwsConfig {
-    /// Reads and validates `[aws]`, `[destinations]` and `[routes]` of an [`outbox::Config`].
+    /// Reads and validates `[aws]`, `[destinations]` and `[routes]` of an [`outbox::Config`],
+    /// reporting every problem at once. Logs a warning when `events.max_payload_bytes` is above
+    /// what any destination accepts (see [`AwsConfig::payload_limit_warning`]).
     pub fn from_config(config: &outbox::Config) -> Result<Self, AwsConfigError> {
-        let settings = AwsSettings::from_config(config)?;
-        let destinations: BTreeMap<String, DestinationConfig> =
-            section(&config.destinations, "destinations")?.unwrap_or_default();
-        let routes: Vec<RouteConfig> = section(&config.routes, "routes")?.unwrap_or_default();
-        let config = Self {
-            profile: settings.profile,
-            aws: settings.aws,
-            destinations,
-            routes,
+        let profile = Profile::parse(&config.profile)?;
+        let mut problems = Vec::new();
+        let aws: Option<AwsSection> = keep(&mut problems, section(&config.aws, "aws"));
+        let destinations: Option<BTreeMap<String, DestinationConfig>> =
+            keep(&mut problems, section(&config.destinations, "destinations"));
+        let routes: Option<Vec<RouteConfig>> =
+            keep(&mut problems, section(&config.routes, "routes"));
+        // A section that did not parse is reported as such, not also as empty.
+        let parsed = problems.is_empty();
+        let settings = AwsSettings {
+            profile,
+            aws: aws.unwrap_or_default(),
         };
-        config.validate()?;
-        Ok(config)
+        settings.validate(&mut problems);
+        let aws_config = Self {
+            profile,
+            aws: settings.aws,
+            destinations: destinations.unwrap_or_default(),
+            routes: routes.unwrap_or_default(),
+        };
+        if parsed {
+            aws_config.validate(&mut problems);
+        }
+        AwsConfigError::from_problems(problems)?;
+        if let Some(warning) = aws_config.payload_limit_warning(&config.events) {
+            tracing::warn!("{warning}");
+        }
+        Ok(aws_config)
+    }
+
+    /// The largest payload any configured destination can take, in bytes (a payload must also
+    /// leave room for the envelope or attributes); `None` when an S3 claim check is configured,
+    /// which takes payloads of any size. A payload above it can never be delivered.
+    pub fn max_event_bytes(&self) -> Option<usize> {
+        if self.aws.large_payloads.is_some() {
+            return None;
+        }
+        self.destinations
+            .values()
+            .map(|d| match d {
+                DestinationConfig::Sqs(sqs) => sqs.max_message_bytes,
+                DestinationConfig::Eventbridge(eb) => eb.max_entry_bytes,
+            })
+            .max()
+    }
+
+    /// Why `events.max_payload_bytes` lets producers enqueue events no destination can take, if
+    /// it does: such an event would be dead-lettered by the relay. A warning rather than an error,
+    /// because the relay dead-letters such events with the reason and smaller ones flow.
+    pub fn payload_limit_warning(&self, events: &outbox::EventLimits) -> Option<String> {
+        let max = self.max_event_bytes()?;
+        (events.max_payload_bytes > max).then(|| {
+            format!(
+                "events.max_payload_bytes ({}) is above the largest message any configured destination accepts \
+                 ({max} bytes): producers can enqueue events that will be dead-lettered as too large; lower \
+                 events.max_payload_bytes to at most {max} (less the envelope and headers), or configure \
+                 [aws.large_payloads] (S3 claim check)",
+                events.max_payload_bytes
+            )
+        })
     }
 
     pub fn settings(&self) -> AwsSettings {
@@ -509,16 +582,19 @@ impl AwsConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), AwsConfigError> {
+    /// Adds every problem of `[destinations]` and `[[routes]]` to `problems`.
+    fn validate(&self, problems: &mut Vec<AwsConfigError>) {
         if self.destinations.is_empty() {
-            return Err(AwsConfigError::value(
+            problems.push(AwsConfigError::value(
                 "destinations",
                 "no destination is configured",
                 "add one, e.g. [default.destinations.orders] kind = \"sqs\" queue = \"orders\"",
             ));
+            // Every route would name an unknown destination: that is this one problem.
+            return;
         }
         for (name, destination) in &self.destinations {
-            validate_destination(name, destination)?;
+            validate_destination(name, destination, problems);
         }
         let known = |name: &str| self.destinations.contains_key(name);
         let names = || {
@@ -530,7 +606,7 @@ impl AwsConfig {
         };
         if let Some(default) = &self.aws.default_destination {
             if !known(default) {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     "aws.default_destination",
                     format!("`{default}` is not a configured destination"),
                     format!("use one of: {}", names()),
@@ -540,21 +616,20 @@ impl AwsConfig {
         for (i, route) in self.routes.iter().enumerate() {
             let key = format!("routes[{i}]");
             if route.event_type.is_none() && route.aggregate_type.is_none() {
-                return Err(AwsConfigError::value(
-                    key,
+                problems.push(AwsConfigError::value(
+                    key.clone(),
                     format!("route to `{}` has no condition", route.destination),
                     "give it event_type and/or aggregate_type, or use aws.default_destination for a catch-all",
                 ));
             }
             if !known(&route.destination) {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     format!("{key}.destination"),
                     format!("`{}` is not a configured destination", route.destination),
                     format!("use one of: {}", names()),
                 ));
             }
         }
-        Ok(())
     }
 
     /// The destination of an event: its explicit `destination`, else the first matching route,
@@ -584,7 +659,12 @@ impl AwsConfig {
     }
 }
 
-fn validate_destination(name: &str, destination: &DestinationConfig) -> Result<(), AwsConfigError> {
+/// Adds every problem of `[destinations.NAME]` to `problems`.
+fn validate_destination(
+    name: &str,
+    destination: &DestinationConfig,
+    problems: &mut Vec<AwsConfigError>,
+) {
     let key = |field: &str| format!("destinations.{name}.{field}");
     let positive = |field: &str, value: usize, max: usize| {
         if value == 0 || value > max {
@@ -607,7 +687,7 @@ fn validate_destination(name: &str, destination: &DestinationConfig) -> Result<(
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     key("queue"),
                     format!("{:?} is not a queue name or URL", sqs.queue),
                     "use a queue name (letters, digits, - and _, up to 80, `.fifo` suffix for FIFO) or its full URL",
@@ -615,11 +695,12 @@ fn validate_destination(name: &str, destination: &DestinationConfig) -> Result<(
             }
             // Counts are capped at the AWS limits (more would only fail at the broker); byte
             // limits allow generous multiples, so a future AWS increase needs no code change.
-            positive("max_entries", sqs.max_entries, limits::SQS_MAX_ENTRIES)?;
+            problems
+                .extend(positive("max_entries", sqs.max_entries, limits::SQS_MAX_ENTRIES).err());
             if !(crate::sqs::FIXED_ATTRIBUTES..=limits::SQS_MAX_ATTRIBUTES)
                 .contains(&sqs.max_attributes)
             {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     key("max_attributes"),
                     format!("{} is out of range", sqs.max_attributes),
                     format!(
@@ -629,18 +710,24 @@ fn validate_destination(name: &str, destination: &DestinationConfig) -> Result<(
                     ),
                 ));
             }
-            positive(
-                "max_message_bytes",
-                sqs.max_message_bytes,
-                64 * limits::SQS_MAX_MESSAGE_BYTES,
-            )?;
-            positive(
-                "max_request_bytes",
-                sqs.max_request_bytes,
-                64 * limits::SQS_MAX_REQUEST_BYTES,
-            )?;
+            problems.extend(
+                positive(
+                    "max_message_bytes",
+                    sqs.max_message_bytes,
+                    64 * limits::SQS_MAX_MESSAGE_BYTES,
+                )
+                .err(),
+            );
+            problems.extend(
+                positive(
+                    "max_request_bytes",
+                    sqs.max_request_bytes,
+                    64 * limits::SQS_MAX_REQUEST_BYTES,
+                )
+                .err(),
+            );
             if sqs.max_message_bytes > sqs.max_request_bytes {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     key("max_message_bytes"),
                     format!(
                         "{} is over max_request_bytes ({})",
@@ -652,45 +739,54 @@ fn validate_destination(name: &str, destination: &DestinationConfig) -> Result<(
         }
         DestinationConfig::Eventbridge(eb) => {
             if eb.bus.is_empty() {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     key("bus"),
                     "the bus name is empty",
                     "name a bus, or omit `bus` for the default bus",
                 ));
             }
             for (field, template) in [("source", &eb.source), ("detail_type", &eb.detail_type)] {
-                check_template(template).map_err(|problem| {
-                    AwsConfigError::value(
+                if let Err(problem) = check_template(template) {
+                    problems.push(AwsConfigError::value(
                         key(field),
                         problem,
                         "use text with the placeholders {aggregate_type} and {event_type}",
-                    )
-                })?;
+                    ));
+                }
             }
             if eb.source.to_ascii_lowercase().starts_with("aws.") {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     key("source"),
                     format!("{:?} starts with `aws.`, which AWS reserves", eb.source),
                     "use your own prefix, e.g. \"outbox.{aggregate_type}\"",
                 ));
             }
-            positive(
-                "max_entries",
-                eb.max_entries,
-                limits::EVENTBRIDGE_MAX_ENTRIES,
-            )?;
-            positive(
-                "max_entry_bytes",
-                eb.max_entry_bytes,
-                64 * limits::EVENTBRIDGE_MAX_ENTRY_BYTES,
-            )?;
-            positive(
-                "max_request_bytes",
-                eb.max_request_bytes,
-                64 * limits::EVENTBRIDGE_MAX_REQUEST_BYTES,
-            )?;
+            problems.extend(
+                positive(
+                    "max_entries",
+                    eb.max_entries,
+                    limits::EVENTBRIDGE_MAX_ENTRIES,
+                )
+                .err(),
+            );
+            problems.extend(
+                positive(
+                    "max_entry_bytes",
+                    eb.max_entry_bytes,
+                    64 * limits::EVENTBRIDGE_MAX_ENTRY_BYTES,
+                )
+                .err(),
+            );
+            problems.extend(
+                positive(
+                    "max_request_bytes",
+                    eb.max_request_bytes,
+                    64 * limits::EVENTBRIDGE_MAX_REQUEST_BYTES,
+                )
+                .err(),
+            );
             if eb.max_entry_bytes > eb.max_request_bytes {
-                return Err(AwsConfigError::value(
+                problems.push(AwsConfigError::value(
                     key("max_entry_bytes"),
                     format!(
                         "{} is over max_request_bytes ({})",
@@ -701,7 +797,6 @@ fn validate_destination(name: &str, destination: &DestinationConfig) -> Result<(
             }
         }
     }
-    Ok(())
 }
 
 /// The placeholders a template may use.
@@ -733,6 +828,24 @@ pub(crate) fn render_template(template: &str, event: &outbox::OutboxEvent) -> St
     template
         .replace("{aggregate_type}", &event.aggregate_type)
         .replace("{event_type}", &event.event_type)
+}
+
+/// The largest payload, in bytes, that any destination of the configuration can take (`None` with
+/// an S3 claim check: any size), for producers that want to check `events.max_payload_bytes`
+/// against the destinations (`outbox config` and the relay warn when it is above).
+pub fn max_event_bytes(config: &outbox::Config) -> Result<Option<usize>, AwsConfigError> {
+    Ok(AwsConfig::from_config(config)?.max_event_bytes())
+}
+
+/// The value of a section that parsed; a section that did not is added to `problems`.
+fn keep<T>(
+    problems: &mut Vec<AwsConfigError>,
+    result: Result<Option<T>, AwsConfigError>,
+) -> Option<T> {
+    result.unwrap_or_else(|e| {
+        problems.push(e);
+        None
+    })
 }
 
 fn section<T: DeserializeOwned>(
@@ -880,6 +993,81 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("destinations.orders.max_entries"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [default.destinations.orders]
+            kind = "sqs"
+            queue = "bad queue name"
+            max_entries = 11
+            [default.destinations.bus]
+            kind = "eventbridge"
+            source = "aws.mine"
+            [[default.routes]]
+            event_type = "OrderPlaced"
+            destination = "ordres"
+            [default.aws]
+            default_destination = "nowhere"
+            endpoint = "http://localhost:4566"
+        "#;
+        let err = load(text, "prod").unwrap_err();
+        for key in [
+            "destinations.orders.queue",
+            "destinations.orders.max_entries",
+            "destinations.bus.source",
+            "routes[0].destination",
+            "aws.default_destination",
+            "aws.endpoint",
+        ] {
+            assert!(err.contains(key), "{key} missing in:\n{err}");
+        }
+        assert!(
+            err.starts_with("6 problems in the AWS configuration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_largest_event_is_what_the_largest_destination_takes() {
+        let config = load(BASE, "local").unwrap();
+        assert_eq!(
+            config.max_event_bytes(),
+            Some(limits::SQS_MAX_MESSAGE_BYTES)
+        );
+        let defaults = outbox::EventLimits::default();
+        assert_eq!(config.payload_limit_warning(&defaults), None);
+        let only_bus = load(
+            &BASE.replace(
+                "kind = \"sqs\"\n        queue = \"orders-events.fifo\"",
+                "kind = \"eventbridge\"",
+            ),
+            "local",
+        )
+        .unwrap();
+        assert_eq!(
+            only_bus.max_event_bytes(),
+            Some(limits::EVENTBRIDGE_MAX_ENTRY_BYTES)
+        );
+        // The default payload limit fits every built-in destination.
+        const { assert!(outbox::event::DEFAULT_MAX_PAYLOAD_BYTES < limits::EVENTBRIDGE_MAX_ENTRY_BYTES) };
+        let big = outbox::EventLimits {
+            max_payload_bytes: 4 << 20,
+            ..defaults
+        };
+        let warning = only_bus.payload_limit_warning(&big).unwrap();
+        assert!(
+            warning.contains("events.max_payload_bytes (4194304)") && warning.contains("262144"),
+            "{warning}"
+        );
+        let claim_check = load(
+            &format!("{BASE}\n[default.aws.large_payloads]\nbucket = \"b\"\n"),
+            "local",
+        )
+        .unwrap();
+        assert_eq!(claim_check.max_event_bytes(), None);
+        assert_eq!(claim_check.payload_limit_warning(&big), None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ mod errors;
 
 pub use bootstrap::{bootstrap, bootstrap_with, BootstrapError, BootstrapReport};
 pub use claim_check::{resolve_payload, ClaimCheck, ResolveError};
-pub use config::{AwsConfig, AwsConfigError, AwsSettings, Profile};
+pub use config::{max_event_bytes, AwsConfig, AwsConfigError, AwsSettings, Profile};
 pub use router::{Destination, RoutingPublisher};
 pub use sdk::{sdk_config, AwsClients};
 

@@ -97,7 +97,10 @@ impl BenchDb {
         outbox::migrate(
             &mut conn,
             &Schema::default(),
-            MigrateOptions { strict_key_order },
+            MigrateOptions {
+                strict_key_order,
+                ..MigrateOptions::default()
+            },
         )
         .await?;
         Ok(())

@@ -22,11 +22,13 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use outbox::config::{Config, ConfigSource, PublisherSpec};
 use outbox::logging::{self, LogFormat, LogOptions};
-use outbox::postgres::{self, MigrateOptions};
+use outbox::postgres::{self, MigrateError, MigrateOptions};
 use outbox::Publisher;
 
 use crate::dead::DeadAction;
 use crate::out::{out, BrokenPipe};
+
+mod config_cmd;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,9 +51,12 @@ struct Cli {
 enum Command {
     /// Create or upgrade the outbox schema in the configured database.
     Migrate {
-        /// Print the SQL instead of running it (for your own migration tool).
+        /// Print the SQL instead of running it (for psql or your own migration tool).
         #[arg(long)]
         print: bool,
+        /// With --print: only the migrations from version N on, for a schema at the version before.
+        #[arg(long, value_name = "N", requires = "print")]
+        from: Option<i32>,
     },
     /// Publish events until SIGINT/SIGTERM (or, with --drain, until none is deliverable).
     ///
@@ -159,7 +164,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(cli: &Cli) -> Result<Config> {
+fn config_source(cli: &Cli) -> ConfigSource {
     let mut source = ConfigSource::from_env();
     if cli.config.is_some() {
         source.file = cli.config.clone();
@@ -167,7 +172,11 @@ fn load_config(cli: &Cli) -> Result<Config> {
     if cli.profile.is_some() {
         source.profile = cli.profile.clone();
     }
-    Config::load(&source).map_err(|e| UsageError(e.into()).into())
+    source
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    Config::load(&config_source(cli)).map_err(|e| UsageError(e.into()).into())
 }
 
 pub(crate) async fn connect(config: &Config, name: &str) -> Result<sqlx::PgPool> {
@@ -180,13 +189,13 @@ pub(crate) async fn connect(config: &Config, name: &str) -> Result<sqlx::PgPool>
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Command::Config = cli.command {
+        // Validates on its own, so that it reports every problem (the AWS sections' too) at once.
+        return config_cmd::run(&config_source(&cli));
+    }
     let config = load_config(&cli)?;
     match cli.command {
-        Command::Migrate { print: true } => {
-            print!("{}", postgres::migration_sql(&config.schema));
-            Ok(())
-        }
-        Command::Migrate { print: false } => migrate(&config).await,
+        Command::Migrate { print, from } => migrate(&config, print, from).await,
         Command::Relay {
             publisher,
             drain,
@@ -205,12 +214,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { json } => status(&config, json).await,
         Command::Dead { action } => dead::run(&config, action).await,
-        Command::Config => {
-            let rendered = serde_json::to_string_pretty(&config)?;
-            println!("{rendered}");
-            eprintln!("configuration is valid (profile {})", config.profile);
-            Ok(())
-        }
+        Command::Config => unreachable!("`config` returns before the configuration is loaded"),
         #[cfg(feature = "aws")]
         Command::Aws {
             action: AwsAction::Bootstrap,
@@ -229,28 +233,40 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn migrate(config: &Config) -> Result<()> {
+async fn migrate(config: &Config, print: bool, from: Option<i32>) -> Result<()> {
+    let options = MigrateOptions::from(config);
+    if print {
+        let sql = postgres::migration_sql(&config.schema, &options, from.unwrap_or(1))
+            .map_err(|e| UsageError(e.into()))?;
+        return config_cmd::write_stdout(&sql);
+    }
     let pool = connect(config, "outbox-migrate").await?;
     let mut conn = pool.acquire().await?;
-    let report = postgres::migrate(
-        &mut conn,
-        &config.schema,
-        MigrateOptions {
-            strict_key_order: config.strict_key_order,
-        },
-    )
-    .await
-    .with_context(|| format!("migrating the outbox schema `{}`", config.schema))?;
-    if report.applied.is_empty() {
+    let report = postgres::migrate(&mut conn, &config.schema, options)
+        .await
+        .map_err(|e| match e {
+            // The user's to fix (upgrade outbox, choose a schema): like a configuration error.
+            e @ (MigrateError::Newer { .. } | MigrateError::ForeignTable { .. }) => {
+                UsageError(e.into()).into()
+            }
+            e => anyhow::Error::new(e),
+        })
+        .with_context(|| format!("migrating the outbox schema `{}`", config.schema))?;
+    if report.is_unchanged() {
         eprintln!(
             "outbox schema `{}` is up to date (version {})",
             config.schema, report.current_version
         );
-    } else {
+    }
+    if !report.applied.is_empty() {
         eprintln!(
             "outbox schema `{}` migrated to version {} (applied {:?})",
             config.schema, report.current_version, report.applied
         );
+    }
+    // A setting flipped by whichever process migrates last must not pass unnoticed.
+    for change in &report.changed {
+        eprintln!("outbox schema `{}`: {change}", config.schema);
     }
     Ok(())
 }

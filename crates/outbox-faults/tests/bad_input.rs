@@ -69,13 +69,96 @@ fn configuration_mistakes_name_the_key_and_the_fix_and_exit_2() {
     assert_fails(
         &out,
         2,
-        &["not a plain identifier", "`OUTBOX_` environment variable"],
+        &[
+            "not a plain identifier",
+            "environment variable OUTBOX_SCHEMA",
+        ],
     );
     let out = cli(&dir, "", &["config"], &[("OUTBOX_RELAY__BATCH_SIZE", "0")]);
-    assert_fails(&out, 2, &["relay.batch_size"]);
+    assert_fails(
+        &out,
+        2,
+        &["relay.batch_size", "(set by OUTBOX_RELAY__BATCH_SIZE)"],
+    );
     // No database configured at all.
     let out = cli(&dir, "", &["relay"], &[]);
     assert_fails(&out, 2, &["database.url", "set DATABASE_URL"]);
+    // A connection string that cannot work is a configuration error on every command.
+    for (url, needle) in [
+        ("postgres://app:Pw-9d2e@db:99999/app", "invalid port number"),
+        (
+            "mysql://app:Pw-9d2e@db/app",
+            "the scheme `mysql` is not PostgreSQL",
+        ),
+        ("db.internal/app", "neither a URL nor key/value pairs"),
+        ("host=db passwrd=Pw-9d2e", "unsupported keyword `passwrd`"),
+    ] {
+        for args in [&["relay"][..], &["migrate"], &["status"], &["config"]] {
+            let out = cli(&dir, "", args, &[("DATABASE_URL", url)]);
+            assert_fails(&out, 2, &["`database.url` (set by DATABASE_URL)", needle]);
+            assert!(!stderr(&out).contains("Pw-9d2e"), "{}", stderr(&out));
+        }
+    }
+    // Values that cannot work.
+    for (toml, needle) in [
+        (
+            "[default.database]\nconnect_timeout = \"0s\"\n",
+            "`database.connect_timeout`",
+        ),
+        (
+            "[default.relay]\npoll_interval = \"1ms\"\n",
+            "below the floor of 10ms",
+        ),
+        (
+            "[default.events]\nmax_field_bytes = 0\n",
+            "`events.max_field_bytes`",
+        ),
+    ] {
+        let out = cli(&dir, toml, &["config"], &[]);
+        assert_fails(&out, 2, &[needle]);
+    }
+}
+
+#[test]
+fn config_reports_every_problem_at_once_including_the_aws_sections() {
+    let dir = scratch("config-all");
+    let toml = "[default]\npublisher = \"aws\"\n[default.relay]\nworkers = 0\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\nmax_entries = 11\n[[default.routes]]\nevent_type = \"X\"\ndestination = \"nope\"\n";
+    let out = cli(
+        &dir,
+        toml,
+        &["config"],
+        &[
+            ("OUTBOX_RELAY__BATCH_SIZE", "0"),
+            ("DATABASE_URL", "mysql://app@db/app"),
+        ],
+    );
+    assert_fails(
+        &out,
+        2,
+        &[
+            "5 configuration problems",
+            "`relay.workers` (set by ",
+            "`relay.batch_size` (set by OUTBOX_RELAY__BATCH_SIZE)",
+            "`database.url` (set by DATABASE_URL)",
+            "`destinations.q.max_entries`",
+            "`routes[0].destination`",
+        ],
+    );
+    assert!(out.stdout.is_empty(), "nothing printed as valid");
+    // Valid: the resolved AWS settings with their defaults, and the largest deliverable event.
+    let toml = "[default]\npublisher = \"aws\"\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\n[default.aws]\ndefault_destination = \"q\"\n";
+    let out = cli(&dir, toml, &["config"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["aws"]["region"], "us-east-1");
+    assert_eq!(shown["aws"]["endpoints"]["sqs"], "http://localhost:4566");
+    assert_eq!(shown["destinations"]["q"]["max_message_bytes"], 1_048_576);
+    assert_eq!(shown["destinations"]["q"]["body"], "payload");
+    assert_eq!(shown["max_event_bytes"], 1_048_576);
+    assert_eq!(
+        shown["events"]["max_payload_bytes"],
+        outbox::event::DEFAULT_MAX_PAYLOAD_BYTES
+    );
 }
 
 #[test]

@@ -61,6 +61,7 @@ async fn fresh_db(strict: bool) -> TestDb {
         &Schema::default(),
         MigrateOptions {
             strict_key_order: strict,
+            ..MigrateOptions::default()
         },
     )
     .await

@@ -135,10 +135,13 @@ async fn event_values_with_sql_metacharacters_travel_verbatim() {
 async fn secrets_never_reach_stderr_stdout_or_debug_output() {
     let dir = scratch("secrets");
     let pw = "Pw-8c1d9f7e-Secret";
-    // Unreachable server, password in the URL's userinfo and as a parameter; verbose logs.
+    // Unreachable server, password in the URL's userinfo, as a parameter, and in libpq's
+    // key/value form (plain and quoted); verbose logs.
     for url in [
         format!("postgres://app:{pw}@127.0.0.1:1/app"),
         format!("postgres://app@127.0.0.1:1/app?password={pw}&sslmode=prefer"),
+        format!("host=127.0.0.1 port=1 user=app password={pw} dbname=app"),
+        format!("host=127.0.0.1 port=1 user=app password='{pw} x' dbname=app"),
     ] {
         for args in [&["relay"][..], &["migrate"], &["status"]] {
             let out = cli(
@@ -211,6 +214,149 @@ async fn secrets_never_reach_stderr_stdout_or_debug_output() {
     );
     assert!(!all_output(&out).contains(secret));
     db.drop_db().await.unwrap();
+}
+
+/// A relay whose role lacks a grant it needs stops at start with the statement to run (exit 2),
+/// instead of claiming events it cannot settle.
+#[tokio::test]
+async fn the_relay_refuses_to_start_without_the_privileges_it_needs() {
+    let db = TestDb::new().await.unwrap();
+    let role = format!("outbox_nodelete_{}", &db.name[db.name.len() - 8..]);
+    let grants = RELAY_GRANTS
+        .replace(
+            "SELECT, UPDATE, DELETE ON public.outbox_event",
+            "SELECT, UPDATE ON public.outbox_event",
+        )
+        .replace("{db}", &db.name)
+        .replace("{role}", &role);
+    sqlx::raw_sql(&format!("CREATE ROLE {role} LOGIN; {grants}"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let outbox = Outbox::new(Schema::default());
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue(&mut tx, NewEvent::new("order", "o1", "Placed"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let url = db
+        .url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let dir = scratch("missing-grant");
+    let file = dir.join("events.jsonl");
+    let out = cli(
+        &dir,
+        "",
+        &[
+            "relay",
+            "--publisher",
+            &format!("file:{}", file.display()),
+            "--drain",
+        ],
+        &[("DATABASE_URL", &url)],
+    );
+    let text = all_output(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!(
+            "the database role `{role}` lacks DELETE on \"public\".outbox_event"
+        )) && text.contains(&format!(
+            "GRANT DELETE ON \"public\".outbox_event TO \"{role}\";"
+        )),
+        "{text}"
+    );
+    assert!(
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .is_empty(),
+        "nothing was published"
+    );
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM outbox_event")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("pending", 0),
+        "nothing was claimed"
+    );
+    db.drop_db().await.unwrap();
+    drop_role(&role).await;
+}
+
+/// The grants docs/SECURITY.md lists for producers: INSERT on the event columns only, so a SQL
+/// producer cannot write the relay's state columns (status, attempts, available_at, ...).
+const PRODUCER_GRANTS: &str = "
+    GRANT CONNECT ON DATABASE {db} TO {role};
+    GRANT USAGE ON SCHEMA public TO {role};
+    GRANT INSERT (id, aggregate_type, aggregate_id, event_type, payload, headers, destination, created_at)
+        ON public.outbox_event TO {role};
+    GRANT USAGE ON SEQUENCE public.outbox_event_seq TO {role};
+    GRANT SELECT ON SEQUENCE public.outbox_wakeup_wanted_ms TO {role};
+";
+
+#[tokio::test]
+async fn producers_with_the_documented_grants_write_only_the_event_columns() {
+    let db = TestDb::new().await.unwrap();
+    let role = format!("outbox_producer_{}", &db.name[db.name.len() - 8..]);
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN; {}",
+        PRODUCER_GRANTS
+            .replace("{db}", &db.name)
+            .replace("{role}", &role)
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let url = db
+        .url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&url).await.unwrap();
+    // The Rust API and a plain SQL insert work.
+    Outbox::new(Schema::default())
+        .enqueue(
+            &mut conn,
+            NewEvent::new("order", "o1", "Placed").destination("orders"),
+        )
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload, created_at) VALUES ('order', 'o1', 'Paid', '{}', now())")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // The relay's columns are refused, on insert and update.
+    for statement in [
+        "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload, status) VALUES ('o', '1', 'E', '{}', 'dead')",
+        "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload, attempts) VALUES ('o', '1', 'E', '{}', 5)",
+        "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload, available_at) VALUES ('o', '1', 'E', '{}', 'infinity')",
+        "INSERT INTO outbox_event (seq, aggregate_type, aggregate_id, event_type, payload) VALUES (1, 'o', '1', 'E', '{}')",
+        "UPDATE outbox_event SET available_at = 'infinity'",
+    ] {
+        let err = sqlx::query(statement).execute(&mut conn).await.unwrap_err();
+        assert!(err.to_string().contains("permission denied"), "{statement}: {err}");
+    }
+    drop(conn);
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_event WHERE status = 'pending' AND attempts = 0",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(n, 2);
+    db.drop_db().await.unwrap();
+    drop_role(&role).await;
+}
+
+async fn drop_role(role: &str) {
+    let admin: sqlx::PgPool = sqlx::PgPool::connect(&outbox_testkit::admin_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
+        .execute(&admin)
+        .await
+        .unwrap();
 }
 
 /// The grants docs/SECURITY.md lists for the relay's role, on the default schema.
@@ -327,11 +473,5 @@ async fn the_relay_runs_as_a_role_with_only_the_documented_grants() {
         .contains("permission denied"));
     drop(conn);
     db.drop_db().await.unwrap();
-    let admin: sqlx::PgPool = sqlx::PgPool::connect(&outbox_testkit::admin_url())
-        .await
-        .unwrap();
-    sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    drop_role(&role).await;
 }

@@ -13,12 +13,8 @@ struct OrderPlaced {
 async fn main() -> anyhow::Result<()> {
     let config = Config::load(&ConfigSource::from_env())?; // outbox.toml + OUTBOX_* + DATABASE_URL
     let pool = outbox::connect_from_config(&config, "orders").await?;
-    outbox::migrate(
-        &mut *pool.acquire().await?,
-        &config.schema,
-        Default::default(),
-    )
-    .await?;
+    // Schema, strict_key_order and the payload limit for SQL producers, as `outbox migrate` applies them.
+    outbox::migrate_from_config(&mut *pool.acquire().await?, &config).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS orders (id text PRIMARY KEY, total_cents bigint)")
         .execute(&pool)
         .await?;
@@ -33,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Business change and event in one transaction.
     let order_id = uuid::Uuid::now_v7().to_string();
-    let outbox = Outbox::new(config.schema.clone());
+    let outbox = Outbox::from_config(&config); // schema and [events] limits
     let mut tx = pool.begin().await?;
     sqlx::query("INSERT INTO orders (id, total_cents) VALUES ($1, $2)")
         .bind(&order_id)

@@ -16,7 +16,7 @@ use figment::value::Value;
 use figment::{Figment, Profile};
 use serde::{Deserialize, Serialize};
 
-use crate::event::EventLimits;
+use crate::event::{EventLimits, MAX_PAYLOAD_BYTES_CEILING};
 use crate::postgres::{DeadLetterPolicy, PgStoreOptions, Schema};
 use crate::relay::{Backoff, RelayOptions};
 
@@ -26,6 +26,10 @@ pub const PROFILES: &[&str] = &["local", "dev", "prod"];
 pub const DEFAULT_PROFILE: &str = "local";
 /// The file read when no path is given and it exists in the working directory.
 pub const DEFAULT_FILE: &str = "outbox.toml";
+
+/// The shortest `relay.poll_interval` accepted: below it every idle relay would query the database
+/// more than a hundred times a second for nothing (wake-ups come by NOTIFY anyway).
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// A configuration problem, found before anything runs.
 #[derive(Debug, thiserror::Error)]
@@ -40,25 +44,117 @@ pub enum ConfigError {
     MissingFile(String),
     #[error("invalid configuration: {0}")]
     Invalid(String),
-    #[error("invalid value for `{key}`: {problem}; {fix}")]
+    #[error("invalid value for `{key}`{}: {problem}; {fix}", origin_suffix(.origin))]
     Value {
         key: &'static str,
         problem: String,
         fix: &'static str,
+        /// Where the value came from when it was set (`OUTBOX_RELAY__BATCH_SIZE`, a file).
+        origin: Option<String>,
     },
+    /// Every problem found, when there is more than one.
+    #[error("{} configuration problems:\n  - {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  - "))]
+    Several(Vec<ConfigError>),
+}
+
+fn origin_suffix(origin: &Option<String>) -> String {
+    origin
+        .as_ref()
+        .map(|o| format!(" (set by {o})"))
+        .unwrap_or_default()
+}
+
+impl ConfigError {
+    /// A connection string that does not parse; `reason` never contains the password.
+    pub fn database_url(url: &DatabaseUrl, reason: String) -> Self {
+        ConfigError::Value {
+            key: "database.url",
+            problem: format!("{} is not a valid PostgreSQL connection string: {reason}", url.redacted()),
+            fix: "use postgres://user:password@host:port/database (or libpq key/value form: host=... port=... user=... password=... dbname=...)",
+            origin: None,
+        }
+    }
+
+    /// The individual problems (one, or those of [`ConfigError::Several`]).
+    pub fn problems(&self) -> Vec<&ConfigError> {
+        match self {
+            ConfigError::Several(all) => all.iter().collect(),
+            other => vec![other],
+        }
+    }
+}
+
+/// Collects every problem of a configuration, so that one run reports them all.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    /// Records that `key` is wrong: what is wrong with it and how to fix it.
+    pub fn add(&mut self, key: &'static str, problem: impl Into<String>, fix: &'static str) {
+        self.0.push(ConfigError::Value {
+            key,
+            problem: problem.into(),
+            fix,
+            origin: None,
+        });
+    }
+
+    pub fn push(&mut self, error: ConfigError) {
+        self.0.push(error);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_vec(self) -> Vec<ConfigError> {
+        self.0
+    }
+
+    /// `Ok` without problems, the problem itself for one, [`ConfigError::Several`] for more.
+    pub fn into_result(mut self) -> Result<(), ConfigError> {
+        match self.0.len() {
+            0 => Ok(()),
+            1 => Err(self.0.remove(0)),
+            _ => Err(ConfigError::Several(self.0)),
+        }
+    }
 }
 
 impl From<figment::Error> for ConfigError {
     fn from(e: figment::Error) -> Self {
-        // figment names the key path and the source (file or environment variable) of the value.
+        // figment names the key path and the source (file or environment variable) of the value;
+        // for the environment it names only the prefix, so name the exact variable.
         let mut text = String::new();
         for (i, err) in e.into_iter().enumerate() {
             if i > 0 {
                 text.push_str("; ");
             }
-            text.push_str(&err.to_string());
+            match env_variable(err.metadata.as_ref(), &err.path) {
+                Some(var) => text.push_str(&format!(
+                    "{} for key `{}` in environment variable {var}",
+                    err.kind,
+                    err.path.join(".")
+                )),
+                None => text.push_str(&err.to_string()),
+            }
         }
         ConfigError::Invalid(text)
+    }
+}
+
+/// The environment variable a value at `path` came from, when its provider is the environment.
+fn env_variable(metadata: Option<&figment::Metadata>, path: &[String]) -> Option<String> {
+    let name = metadata?.name.as_ref();
+    if path.is_empty() || !name.contains("environment variable") {
+        return None;
+    }
+    if name.contains("`OUTBOX_`") {
+        Some(format!("OUTBOX_{}", path.join("__").to_ascii_uppercase()))
+    } else if path.join(".") == "database.url" {
+        Some("DATABASE_URL".to_owned())
+    } else {
+        None
     }
 }
 
@@ -82,9 +178,34 @@ impl DatabaseUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// The URL with any password replaced by `***`.
+    /// The connection string with any password replaced by `***`.
     pub fn redacted(&self) -> String {
         redact_url(&self.0)
+    }
+    /// The password the connection string carries (URL userinfo, `?password=`, or the key/value
+    /// `password=`), for redacting driver errors that might echo it.
+    pub fn password(&self) -> Option<String> {
+        let text = self.0.trim();
+        if let Some((_, rest)) = text.split_once("://") {
+            let authority = rest.split(['/', '?']).next().unwrap_or_default();
+            if let Some((userinfo, _)) = authority.rsplit_once('@') {
+                if let Some((_, pw)) = userinfo.split_once(':') {
+                    return Some(pw.to_owned());
+                }
+            }
+            let query = rest.split_once('?').map(|(_, q)| q).unwrap_or_default();
+            return query
+                .split('&')
+                .find_map(|pair| match pair.split_once('=') {
+                    Some((k, v)) if k.eq_ignore_ascii_case("password") => Some(v.to_owned()),
+                    _ => None,
+                });
+        }
+        keyword_values(text)
+            .ok()?
+            .into_iter()
+            .find(|(k, _)| k == "password")
+            .map(|(_, v)| v)
     }
 }
 
@@ -100,8 +221,33 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-/// Replaces the password of a URL (`user:password@`) and any `password=` query value with `***`.
+/// URL parameters whose values are shown in redacted connection strings.
+const SHOWN_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "application_name",
+];
+
+/// Replaces the password of a URL (`user:password@`) and the value of any query parameter but the
+/// known harmless ones (`sslmode`, `host`, ...: a misspelt `password` included) with `***`;
+/// in a libpq key/value string (`host=db password=secret`), the value of `password`.
 pub fn redact_url(url: &str) -> String {
+    if !url.contains("://") {
+        return redact_keyword_values(url);
+    }
     let mut out = url.to_owned();
     if let Some(scheme_end) = out.find("://") {
         let rest_start = scheme_end + 3;
@@ -120,13 +266,86 @@ pub fn redact_url(url: &str) -> String {
         let redacted: Vec<String> = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                // Only parameters known to hold no secret are shown: a misspelt `password` is not.
+                Some((k, _)) if !SHOWN_URL_PARAMETERS.contains(&k) => format!("{k}=***"),
                 _ => pair.to_owned(),
             })
             .collect();
         out = format!("{head}{}", redacted.join("&"));
     }
     out
+}
+
+/// Splits a libpq key/value connection string (`host=db port=5432 password='a b'`) into its
+/// pairs: values may be single-quoted, with `\\'` and `\\\\` escapes. Errors never contain a value.
+pub fn keyword_values(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    let mut chars = text.chars().peekable();
+    for word in 1.. {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Ok(pairs);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            // Not echoed: a stray word may be part of a secret.
+            return Err(format!("item {word} is not key=value"));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => return Err(format!("the value of `{key}` ends in a backslash")),
+                    },
+                    Some('\'') => break,
+                    Some(c) => value.push(c),
+                    None => return Err(format!("the quoted value of `{key}` is not closed")),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        value.push(escaped);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
+/// `redact_url` for the key/value form. Text that does not parse is not shown at all: any part of
+/// it may be a secret.
+fn redact_keyword_values(text: &str) -> String {
+    match keyword_values(text) {
+        Ok(pairs) if !pairs.is_empty() => pairs
+            .into_iter()
+            .map(|(k, v)| {
+                // As for URLs: only keywords known to hold no secret are shown.
+                if !SHOWN_URL_PARAMETERS.contains(&k.as_str()) {
+                    format!("{k}=***")
+                } else if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '\'') {
+                    format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        Ok(_) => String::new(),
+        Err(_) => "<connection string not shown: it does not parse>".to_owned(),
+    }
 }
 
 /// `[database]`: where the outbox table lives.
@@ -334,13 +553,29 @@ impl ConfigSource {
 }
 
 impl Config {
-    /// Loads and validates the configuration.
+    /// Loads and validates the configuration; every problem is reported at once.
     pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
+        let (config, problems) = Self::load_with_problems(source)?;
+        problems.into_result()?;
+        Ok(config)
+    }
+
+    /// Loads the configuration and validates it without failing on the values: the problems come
+    /// back with the configuration, each naming where its value was set, so a tool can add its own
+    /// (e.g. the AWS sections) and report them all together. Fails only when the configuration
+    /// cannot be read at all (syntax, types, unknown keys).
+    pub fn load_with_problems(source: &ConfigSource) -> Result<(Self, Problems), ConfigError> {
         let (figment, profile) = Self::figment(source)?;
         let mut config: Config = figment.extract()?;
         config.profile = profile;
-        config.validate()?;
-        Ok(config)
+        let mut problems = Problems::default();
+        for mut problem in config.problems().into_vec() {
+            if let ConfigError::Value { key, origin, .. } = &mut problem {
+                *origin = value_origin(&figment, key);
+            }
+            problems.push(problem);
+        }
+        Ok((config, problems))
     }
 
     /// The merged providers, for extension crates that read their own sections
@@ -384,47 +619,62 @@ impl Config {
         Ok((figment.select(Profile::new(&profile)), profile))
     }
 
-    /// Checks values that types alone cannot, naming the key and the fix.
+    /// Checks values that types alone cannot, naming the key and the fix; every problem at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.problems().into_result()
+    }
+
+    /// Every value that cannot work, each with its key and the fix.
+    pub fn problems(&self) -> Problems {
+        let mut p = Problems::default();
         let r = &self.relay;
-        let bad = |key, problem: String, fix| Err(ConfigError::Value { key, problem, fix });
         if !(1..=10_000).contains(&r.batch_size) {
-            return bad(
+            p.add(
                 "relay.batch_size",
                 format!("{} is out of range", r.batch_size),
                 "use 1 to 10000 (100 is a good start)",
             );
         }
         if !(1..=256).contains(&r.workers) {
-            return bad(
+            p.add(
                 "relay.workers",
                 format!("{} is out of range", r.workers),
                 "use 1 to 256",
             );
         }
         if r.max_attempts == 0 {
-            return bad(
+            p.add(
                 "relay.max_attempts",
-                "0 would dead-letter every event untried".into(),
+                "0 would dead-letter every event untried",
                 "use 1 or more (10 is the default)",
             );
         }
-        if r.poll_interval.is_zero() {
-            return bad(
+        if r.poll_interval < MIN_POLL_INTERVAL {
+            p.add(
                 "relay.poll_interval",
-                "0s would spin".into(),
-                "use a duration such as \"1s\"",
+                format!(
+                    "{:?} is below the floor of {MIN_POLL_INTERVAL:?}: an idle relay would query the database that often for nothing",
+                    r.poll_interval
+                ),
+                "use a duration such as \"1s\" (commits wake the relay by NOTIFY; this is only the fallback)",
             );
         }
         if r.publish_timeout.is_zero() {
-            return bad(
+            p.add(
                 "relay.publish_timeout",
-                "0s leaves no time to publish".into(),
+                "0s leaves no time to publish",
+                "use a duration such as \"10s\"",
+            );
+        }
+        if r.statement_timeout.is_zero() {
+            p.add(
+                "relay.statement_timeout",
+                "0s disables the bound",
                 "use a duration such as \"10s\"",
             );
         }
         if r.transaction_timeout <= r.publish_timeout + r.statement_timeout {
-            return bad(
+            p.add(
                 "relay.transaction_timeout",
                 format!(
                     "{:?} is not longer than relay.publish_timeout ({:?}) + relay.statement_timeout ({:?})",
@@ -433,15 +683,8 @@ impl Config {
                 "raise relay.transaction_timeout or lower relay.publish_timeout",
             );
         }
-        if r.statement_timeout.is_zero() {
-            return bad(
-                "relay.statement_timeout",
-                "0s disables the bound".into(),
-                "use a duration such as \"10s\"",
-            );
-        }
         if r.backoff_base.is_zero() || r.backoff_max < r.backoff_base {
-            return bad(
+            p.add(
                 "relay.backoff_base",
                 format!(
                     "base {:?} and max {:?} do not make a backoff",
@@ -468,58 +711,82 @@ impl Config {
             );
         }
         if r.active_poll_interval.is_zero() {
-            return bad(
+            p.add(
                 "relay.active_poll_interval",
-                "0s would spin".into(),
+                "0s would spin",
                 "use a duration such as \"2ms\" (or relay.active_period = \"0s\" to always wait for NOTIFY)",
             );
         }
         if r.purge_batch < 1 {
-            return bad(
+            p.add(
                 "relay.purge_batch",
                 format!("{} is below 1", r.purge_batch),
                 "use 100 to 10000",
             );
         }
         if r.purge_interval.is_zero() {
-            return bad(
+            p.add(
                 "relay.purge_interval",
-                "0s would spin".into(),
+                "0s would spin",
                 "use a duration such as \"60s\"",
             );
         }
+        let db = &self.database;
         // Each worker holds a connection while it publishes; the wake-up listener holds one; the
         // purge task and status queries need one more.
         let needed = u32::try_from(r.workers)
             .unwrap_or(u32::MAX)
             .saturating_add(2);
-        if self.database.max_connections < needed {
-            return bad(
+        if db.max_connections < needed {
+            p.add(
                 "database.max_connections",
                 format!(
                     "{} is too few for {} relay workers",
-                    self.database.max_connections, r.workers
+                    db.max_connections, r.workers
                 ),
                 "use at least relay.workers + 2",
             );
         }
-        if self.events.max_payload_bytes == 0 || self.events.max_field_bytes == 0 {
-            return bad(
-                "events.max_payload_bytes",
-                "a limit of 0 refuses every event".into(),
-                "use a positive number of bytes",
+        if db.connect_timeout.is_zero() {
+            p.add(
+                "database.connect_timeout",
+                "0s gives the server no time to answer",
+                "use a duration such as \"5s\"",
             );
         }
-        Ok(())
+        if !db.url.expose().trim().is_empty() {
+            if let Err(crate::postgres::ConnectError::BadUrl { reason, .. }) =
+                crate::postgres::connect_options(&db.url)
+            {
+                p.push(ConfigError::database_url(&db.url, reason));
+            }
+        }
+        let e = &self.events;
+        if e.max_payload_bytes == 0 || e.max_payload_bytes > MAX_PAYLOAD_BYTES_CEILING {
+            p.add(
+                "events.max_payload_bytes",
+                format!("{} is out of range", e.max_payload_bytes),
+                "use 1 to 267386880 bytes (255 MiB, the most a jsonb holds); the default 245760 fits every built-in destination",
+            );
+        }
+        if e.max_field_bytes == 0 {
+            p.add(
+                "events.max_field_bytes",
+                "a limit of 0 refuses every event",
+                "use a positive number of bytes (1024 is the default)",
+            );
+        }
+        p
     }
 
     /// Checks that a database URL is set, for commands that need one.
     pub fn require_database_url(&self) -> Result<&DatabaseUrl, ConfigError> {
-        if self.database.url.expose().is_empty() {
+        if self.database.url.expose().trim().is_empty() {
             return Err(ConfigError::Value {
                 key: "database.url",
                 problem: "no database URL is configured".into(),
                 fix: "set DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/app) or database.url in outbox.toml",
+                origin: None,
             });
         }
         Ok(&self.database.url)
@@ -558,6 +825,20 @@ impl Config {
             max_batch_bytes: r.max_batch_bytes,
             max_event_bytes: self.events.max_payload_bytes as u64,
         }
+    }
+}
+
+/// Where the value of `key` was set: the exact environment variable, or the file; `None` for a
+/// built-in default.
+fn value_origin(figment: &Figment, key: &str) -> Option<String> {
+    let metadata = figment.find_metadata(key)?;
+    let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+    if let Some(var) = env_variable(Some(metadata), &path) {
+        return Some(var);
+    }
+    match &metadata.source {
+        Some(figment::Source::File(file)) => Some(file.display().to_string()),
+        _ => None,
     }
 }
 
@@ -678,6 +959,112 @@ mod tests {
             Ok(PublisherSpec::File("/tmp/x.jsonl".into()))
         );
         assert!("file:".parse::<PublisherSpec>().is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_naming_its_key() {
+        let text = r#"
+            [default.database]
+            connect_timeout = "0s"
+            url = "mysql://app:pw@db/app"
+            [default.relay]
+            batch_size = 0
+            poll_interval = "5ms"
+            [default.events]
+            max_field_bytes = 0
+        "#;
+        let err = load(text, "local").unwrap_err();
+        assert_eq!(err.problems().len(), 5, "{err}");
+        let text = err.to_string();
+        for needle in [
+            "5 configuration problems",
+            "`database.connect_timeout`",
+            "`database.url`",
+            "the scheme `mysql` is not PostgreSQL",
+            "`relay.batch_size`",
+            "`relay.poll_interval`",
+            "below the floor of 10ms",
+            "`events.max_field_bytes`",
+        ] {
+            assert!(text.contains(needle), "{needle:?} in:\n{text}");
+        }
+        assert!(!text.contains("events.max_payload_bytes"), "{text}");
+        assert!(!text.contains(":pw@"), "{text}");
+        // The file is named as the source of a value set there.
+        assert!(
+            text.contains("(set by /") && text.contains(".toml)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn malformed_connection_strings_are_configuration_errors_without_the_password() {
+        for url in [
+            "postgres://app:Secr3t-pw@db:99999/app",
+            "postgres://app:Secr3t-pw@db/app?passwrd=Secr3t-pw",
+            "mysql://app:Secr3t-pw@db/app",
+            "host=db password='Secr3t-pw",
+            "host=db Secr3t-pw",
+            "host=db password=Secr3t-pw connect_timeout=3",
+            "host=db passwrd=Secr3t-pw",
+            "db.internal:5432/app",
+        ] {
+            let err = load(
+                &format!("[default.database]\nurl = {}\n", toml_string(url)),
+                "local",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("`database.url`"), "{url}: {err}");
+            assert!(!err.contains("Secr3t-pw"), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn key_value_connection_strings_are_supported_and_redacted() {
+        let url = DatabaseUrl::new(
+            "host=db.internal port=6432 user=app password='s3 cr\\'et' dbname=app sslmode=require",
+        );
+        for shown in [
+            format!("{url:?}"),
+            url.to_string(),
+            url.redacted(),
+            serde_json::to_string(&url).unwrap(),
+        ] {
+            assert!(!shown.contains("s3 cr"), "{shown}");
+            assert!(
+                shown.contains("password=***") && shown.contains("host=db.internal"),
+                "{shown}"
+            );
+        }
+        assert_eq!(url.password().as_deref(), Some("s3 cr'et"));
+        let options = crate::postgres::connect_options(&url).unwrap();
+        assert_eq!(options.get_host(), "db.internal");
+        assert_eq!(options.get_port(), 6432);
+        assert_eq!(options.get_username(), "app");
+        assert_eq!(options.get_database(), Some("app"));
+        assert_eq!(
+            keyword_values("a=1  b = 'x y' c=\\ ").unwrap(),
+            [
+                ("a".into(), "1".into()),
+                ("b".into(), "x y".into()),
+                ("c".into(), " ".into())
+            ]
+        );
+        assert!(keyword_values("a='open").is_err());
+        let config = load(
+            "[default.database]\nurl = \"host=db user=app password=s3cr3t-kv\"\n",
+            "local",
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("s3cr3t-kv"));
+        assert!(!serde_json::to_string(&config)
+            .unwrap()
+            .contains("s3cr3t-kv"));
+    }
+
+    fn toml_string(s: &str) -> String {
+        serde_json::to_string(s).unwrap() // a JSON string is a valid TOML basic string here
     }
 
     #[test]

@@ -14,12 +14,24 @@ use uuid::Uuid;
 /// SQL gets the same rule enforced by a `CHECK` constraint.
 pub type Headers = BTreeMap<String, String>;
 
-/// Limits a producer's event must respect. The defaults are generous; brokers with tighter limits
-/// (SQS, EventBridge: 256 KiB) either offload large payloads or dead-letter them with a reason.
+/// The default of [`EventLimits::max_payload_bytes`]: 240 KiB. EventBridge takes entries of up to
+/// 256 KiB (source, detail type and detail together) and SQS messages of up to 1 MiB (body and
+/// attributes), so a payload within this limit fits every built-in destination with 16 KiB left
+/// for the envelope, headers and attributes. Raise it only with destinations that take more (or
+/// with an S3 claim check); `outbox config` warns when it is above what the destinations accept.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 240 * 1024;
+
+/// The largest value [`EventLimits::max_payload_bytes`] may take: a `jsonb` value holds at most
+/// 255 MiB.
+pub const MAX_PAYLOAD_BYTES_CEILING: usize = 255 * 1024 * 1024;
+
+/// Limits a producer's event must respect, also enforced on SQL producers by the table (see the
+/// `outbox_event_payload_size` trigger).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventLimits {
-    /// Largest serialized payload accepted at enqueue, in bytes.
+    /// Largest payload accepted at enqueue, in bytes of its PostgreSQL text form (what the relay
+    /// publishes; see [`NewEvent::payload_size`]).
     pub max_payload_bytes: usize,
     /// Largest length of `aggregate_type`, `aggregate_id`, `event_type`, a header name or value.
     pub max_field_bytes: usize,
@@ -28,7 +40,7 @@ pub struct EventLimits {
 impl Default for EventLimits {
     fn default() -> Self {
         Self {
-            max_payload_bytes: 4 * 1024 * 1024,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_field_bytes: 1024,
         }
     }
@@ -49,7 +61,7 @@ pub enum EventError {
         "event payload must be a JSON object, got {found}: wrap the value, e.g. {{\"value\": ...}}"
     )]
     PayloadNotObject { found: &'static str },
-    #[error("event payload is {len} bytes, over the limit of {limit} (events.max_payload_bytes): store large data elsewhere and reference it")]
+    #[error("event payload is {len} bytes, over the limit of {limit} (events.max_payload_bytes): store large data elsewhere and reference it, or raise the limit where the destinations take more (or with an S3 claim check, [aws.large_payloads])")]
     PayloadTooLarge { len: usize, limit: usize },
     #[error("event payload could not be serialized to JSON: {0}")]
     Serialize(String),
@@ -151,6 +163,13 @@ impl NewEvent {
         &self.headers
     }
 
+    /// The payload's size as `events.max_payload_bytes` counts it: the bytes of the payload's
+    /// PostgreSQL text form (`octet_length(payload::text)`), which is what the relay publishes and
+    /// what the table's size trigger measures for SQL producers.
+    pub fn payload_size(&self) -> usize {
+        jsonb_text_len(self.payload.get())
+    }
+
     /// Checks the event against the limits and the table contract, so that a bad event fails in the
     /// producer's code path with a clear message rather than as a database constraint error.
     pub fn validate(&self, limits: &EventLimits) -> Result<(), EventError> {
@@ -172,9 +191,10 @@ impl NewEvent {
             check_field_len("header value", value, limits)?;
         }
         let payload = self.payload.get();
-        if payload.len() > limits.max_payload_bytes {
+        let size = jsonb_text_len(payload);
+        if size > limits.max_payload_bytes {
             return Err(EventError::PayloadTooLarge {
-                len: payload.len(),
+                len: size,
                 limit: limits.max_payload_bytes,
             });
         }
@@ -233,6 +253,79 @@ fn has_nul_escape(json: &str) -> bool {
         }
     }
     false
+}
+
+/// The length of PostgreSQL's text form of the `jsonb` parsed from `json` (valid JSON text),
+/// computed without a database round trip, so that the Rust API and the table's size trigger
+/// (`octet_length(payload::text)`) agree. PostgreSQL drops insignificant whitespace, writes
+/// `": "` and `", "` between members and elements, and escapes strings minimally (as serde_json
+/// does); escapes such as `\/` or `\u00e9` become the character itself. Numbers are counted as
+/// written: PostgreSQL prints `1e3` as `1000`, so for exponents the table has the last word.
+pub fn jsonb_text_len(json: &str) -> usize {
+    let b = json.as_bytes();
+    let mut len = 0;
+    let mut i = 0;
+    let mut in_string = false;
+    while i < b.len() {
+        let c = b[i];
+        if in_string {
+            match c {
+                b'"' => {
+                    in_string = false;
+                    len += 1;
+                }
+                b'\\' => {
+                    let (consumed, out) = escape_len(&b[i..]);
+                    len += out;
+                    i += consumed;
+                    continue;
+                }
+                _ => len += 1,
+            }
+        } else {
+            match c {
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                b':' | b',' => len += 2,
+                b'"' => {
+                    in_string = true;
+                    len += 1;
+                }
+                _ => len += 1,
+            }
+        }
+        i += 1;
+    }
+    len
+}
+
+/// For an escape sequence at the start of `s`: how many input bytes it spans and how many bytes
+/// PostgreSQL writes for it.
+fn escape_len(s: &[u8]) -> (usize, usize) {
+    match s.get(1) {
+        Some(b'u') => {
+            let code = s
+                .get(2..6)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u32::from_str_radix(h, 16).ok());
+            let out = match code {
+                // \b \f \n \r \t keep a two-character escape; other controls stay \u00XX.
+                Some(0x08 | 0x0c | 0x0a | 0x0d | 0x09) => 2,
+                Some(c) if c < 0x20 => 6,
+                Some(0x22 | 0x5c) => 2,
+                Some(c) if c < 0x80 => 1,
+                Some(c) if c < 0x800 => 2,
+                // A high surrogate and its low surrogate make one 4-byte character.
+                Some(0xd800..=0xdbff) => 4,
+                Some(0xdc00..=0xdfff) => 0,
+                Some(_) => 3,
+                None => 6,
+            };
+            (6, out)
+        }
+        Some(b'/') => (2, 1),
+        Some(_) => (2, 2),
+        None => (1, 1),
+    }
 }
 
 fn json_kind(first: Option<u8>) -> &'static str {
@@ -374,6 +467,32 @@ mod tests {
             .payload(&serde_json::json!({"s": "\\u0000"}))
             .unwrap();
         assert_eq!(fine.validate(&limits), Ok(()));
+    }
+
+    #[test]
+    fn payload_size_is_the_postgres_text_form() {
+        // PostgreSQL renders `{"a":1,"b":[1,2]}` as `{"a": 1, "b": [1, 2]}`.
+        assert_eq!(
+            jsonb_text_len(r#"{"a":1,"b":[1,2]}"#),
+            r#"{"a": 1, "b": [1, 2]}"#.len()
+        );
+        assert_eq!(jsonb_text_len("{ \"a\" :\n 1 }"), r#"{"a": 1}"#.len());
+        assert_eq!(
+            jsonb_text_len(r#"{"s":"a,b: c"}"#),
+            r#"{"s": "a,b: c"}"#.len()
+        );
+        assert_eq!(
+            jsonb_text_len(r#"{"s":"\u00e9\/\n\u0001\""}"#),
+            r#"{"s": "é/\n\u0001\""}"#.len()
+        );
+        assert_eq!(
+            jsonb_text_len(r#"{"s":"\ud83d\ude00"}"#),
+            r#"{"s": "😀"}"#.len()
+        );
+        let event = NewEvent::new("o", "1", "P")
+            .payload(&serde_json::json!({"a": 1}))
+            .unwrap();
+        assert_eq!(event.payload_size(), 8);
     }
 
     #[test]

@@ -7,12 +7,63 @@ use super::schema::Schema;
 use crate::event::{EventError, EventLimits, NewEvent};
 
 /// Why an enqueue failed. Nothing was written; the caller's transaction decides what happens next.
+///
+/// The cause is part of the message (and not also a `source`), so that a report that prints the
+/// chain (`{:#}`) shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
+    /// The event breaks the table contract or the configured limits: the producer's input is at
+    /// fault (an HTTP service answers 4xx; [`EnqueueError::is_too_large`] tells 413 apart).
     #[error("invalid event: {0}")]
-    Invalid(#[from] EventError),
+    Invalid(EventError),
     #[error("could not insert into the outbox: {0}; is the schema migrated (`outbox migrate`)?")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+impl From<EventError> for EnqueueError {
+    fn from(e: EventError) -> Self {
+        Self::Invalid(e)
+    }
+}
+
+impl From<sqlx::Error> for EnqueueError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e)
+    }
+}
+
+/// The name under which the table refuses a payload over its size limit (the error's constraint
+/// name, as for a CHECK), see migration 0003.
+pub const PAYLOAD_SIZE_CONSTRAINT: &str = "outbox_event_payload_size";
+
+impl EnqueueError {
+    /// The payload is over the size limit: refused by the Rust check, or by the table's limit
+    /// (`outbox_event_payload_size`) when the table was migrated with a lower
+    /// `events.max_payload_bytes` than this producer's.
+    pub fn is_too_large(&self) -> bool {
+        match self {
+            Self::Invalid(e) => matches!(e, EventError::PayloadTooLarge { .. }),
+            Self::Database(e) => {
+                e.as_database_error().and_then(|d| d.constraint()) == Some(PAYLOAD_SIZE_CONSTRAINT)
+            }
+        }
+    }
+
+    /// The event itself was refused (by the Rust checks or a table constraint), as opposed to the
+    /// database failing: the producer's input is at fault and retrying it cannot help.
+    pub fn is_invalid(&self) -> bool {
+        match self {
+            Self::Invalid(_) => true,
+            Self::Database(e) => e.as_database_error().is_some_and(|d| {
+                matches!(
+                    d.kind(),
+                    sqlx::error::ErrorKind::CheckViolation
+                        | sqlx::error::ErrorKind::UniqueViolation
+                        | sqlx::error::ErrorKind::NotNullViolation
+                ) || d.constraint() == Some(PAYLOAD_SIZE_CONSTRAINT)
+            }),
+        }
+    }
 }
 
 /// The producer side of the outbox: cheap to clone, holds no connection.
@@ -38,8 +89,16 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// An outbox in `schema` with the default [`EventLimits`]; prefer [`Outbox::from_config`],
+    /// which applies the configured `[events]` limits too.
     pub fn new(schema: Schema) -> Self {
         Self::with_limits(schema, EventLimits::default())
+    }
+
+    /// The producer side as the configuration describes it: `schema` and the `[events]` limits
+    /// (the same limit `outbox migrate` gives the table for SQL producers).
+    pub fn from_config(config: &crate::Config) -> Self {
+        Self::with_limits(config.schema.clone(), config.events)
     }
 
     pub fn with_limits(schema: Schema, limits: EventLimits) -> Self {
@@ -63,6 +122,10 @@ impl Outbox {
 
     pub fn schema(&self) -> &Schema {
         &self.schema
+    }
+
+    pub fn limits(&self) -> &EventLimits {
+        &self.limits
     }
 
     /// Writes one event in the caller's transaction and returns its id. Pass `&mut tx` (or any

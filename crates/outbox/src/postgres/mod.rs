@@ -10,29 +10,137 @@ mod store;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, Connection, PgPool};
 
 pub use admin::{
     dead_event, dead_events, delete_dead, replay_dead, select_dead, status, AdminError, DeadChange,
     DeadEvent, DeadEventDetail, DeadFilter, DeadSelection, Status, MAX_DEAD_LIST_LIMIT,
 };
-pub use enqueue::{EnqueueError, Outbox};
+pub use enqueue::{EnqueueError, Outbox, PAYLOAD_SIZE_CONSTRAINT};
 pub use migrate::{
-    check_schema, migrate, migration_sql, MigrateOptions, MigrateReport, Migration,
-    SchemaCheckError, MIGRATIONS,
+    check_schema, latest_version, migrate, migrate_from_config, migration_sql, settings_drift,
+    MigrateError, MigrateOptions, MigrateReport, Migration, SchemaCheckError, MIGRATIONS,
 };
 pub use schema::{InvalidSchema, Schema, MAX_SCHEMA_LEN};
 pub use store::{DeadLetterPolicy, PgClaim, PgStore, PgStoreOptions, Waker};
 
-use crate::config::DatabaseUrl;
+use crate::config::{keyword_values, DatabaseUrl};
 
-/// Why the database could not be reached; the message says where and what to check.
+/// Why the database could not be reached; the message says where and what to check. The URL is
+/// always shown redacted, and a driver's error text is redacted too.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("database.url {url} is not a valid PostgreSQL URL: {reason}; use postgres://user:password@host:port/database")]
+    #[error("database.url {url} is not a valid PostgreSQL connection string: {reason}; use postgres://user:password@host:port/database (or libpq key/value form: host=... port=... user=... password=... dbname=...)")]
     BadUrl { url: String, reason: String },
-    #[error("cannot connect to PostgreSQL at {url}: {reason}; check that the server is running and database.url / DATABASE_URL is right")]
+    #[error("cannot connect to PostgreSQL at {url}: {reason}; check that the server is running and reachable, and that database.url / DATABASE_URL (host, port, user, password, sslmode) is right")]
     Unreachable { url: String, reason: String },
+}
+
+/// The URL query parameters sqlx understands; anything else is refused rather than ignored (sqlx
+/// would log an unknown parameter with its value, e.g. a misspelt password).
+const URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The libpq keywords accepted in the key/value form (`host=db port=5432 user=app ...`).
+const KEYWORDS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "application_name",
+    "options",
+];
+
+/// Parses a connection string: a `postgres://` / `postgresql://` URL or a libpq key/value string.
+/// Errors name the problem and never contain the password.
+pub fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectError> {
+    let text = url.expose().trim();
+    let bad = |reason: String| ConnectError::BadUrl {
+        url: url.redacted(),
+        reason,
+    };
+    let as_url = match text.split_once("://") {
+        Some((scheme, rest)) => {
+            if !(scheme.eq_ignore_ascii_case("postgres")
+                || scheme.eq_ignore_ascii_case("postgresql"))
+            {
+                return Err(bad(format!(
+                    "the scheme `{scheme}` is not PostgreSQL (the outbox needs PostgreSQL)"
+                )));
+            }
+            if let Some((_, query)) = rest.split_once('?') {
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+                    let known = URL_PARAMETERS.contains(&key)
+                        || (key.starts_with("options[") && key.ends_with(']'));
+                    if !known {
+                        return Err(bad(format!(
+                            "unknown parameter `{key}` (known: {})",
+                            URL_PARAMETERS.join(", ")
+                        )));
+                    }
+                }
+            }
+            text.to_owned()
+        }
+        None if text.contains('=') => {
+            // The key/value form becomes URL parameters, so both forms take the same path through
+            // sqlx (environment defaults, ~/.pgpass).
+            let pairs = keyword_values(text).map_err(bad)?;
+            let mut query = Vec::new();
+            for (key, value) in pairs {
+                if !KEYWORDS.contains(&key.as_str()) {
+                    return Err(bad(format!(
+                        "unsupported keyword `{key}` (supported: {})",
+                        KEYWORDS.join(", ")
+                    )));
+                }
+                query.push(format!("{key}={}", percent_encode(&value)));
+            }
+            format!("postgres://?{}", query.join("&"))
+        }
+        None => return Err(bad("it is neither a URL nor key/value pairs".to_owned())),
+    };
+    as_url
+        .parse::<PgConnectOptions>()
+        .map_err(|e| bad(redact_error(&e, url)))
+}
+
+/// Percent-encodes everything but unreserved URL characters.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Opens a pool to `url` (TLS per its `sslmode`, `sslrootcert`, ... parameters) and checks that
@@ -43,67 +151,169 @@ pub async fn connect(
     connect_timeout: Duration,
     application_name: &str,
 ) -> Result<PgPool, ConnectError> {
-    let options: PgConnectOptions =
-        url.expose()
-            .parse()
-            .map_err(|e: sqlx::Error| ConnectError::BadUrl {
-                url: url.redacted(),
-                reason: redact_error(&e, url),
-            })?;
-    let options = options.application_name(application_name);
+    let options = connect_options(url)?.application_name(application_name);
+    let unreachable = |reason: String| ConnectError::Unreachable {
+        url: url.redacted(),
+        reason,
+    };
+    // The first connection is made directly: a pool reports every failure as "timed out", a
+    // direct connection says what happened (refused, authentication, TLS, unknown database).
+    match tokio::time::timeout(connect_timeout, options.connect()).await {
+        Err(_) => {
+            return Err(unreachable(format!(
+                "no answer within {connect_timeout:?} (database.connect_timeout)"
+            )))
+        }
+        Ok(Err(e)) => return Err(unreachable(redact_error(&e, url))),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+        }
+    }
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(connect_timeout)
         .connect_with(options)
         .await
-        .map_err(|e| ConnectError::Unreachable {
-            url: url.redacted(),
-            reason: redact_error(&e, url),
-        })?;
+        .map_err(|e| unreachable(redact_error(&e, url)))?;
     Ok(pool)
 }
 
-/// An error's text with the URL's password removed, in case a driver echoes it.
+/// An error's text with the connection string's password removed, in case a driver echoes it.
 fn redact_error(e: &sqlx::Error, url: &DatabaseUrl) -> String {
     let text = e.to_string();
     if url.expose().is_empty() {
         return text;
     }
-    text.replace(url.expose(), &url.redacted())
+    let mut text = text.replace(url.expose(), &url.redacted());
+    if let Some(password) = url.password() {
+        if !password.is_empty() {
+            text = text.replace(&password, "***");
+        }
+    }
+    text
 }
 
-/// Why a relay could not be set up on PostgreSQL.
+/// Why a relay could not be set up on PostgreSQL. The causes are part of the messages (and not
+/// also `source`s), so a report that prints the chain shows each once.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(transparent)]
     Schema(#[from] SchemaCheckError),
+    #[error("the database role `{role}` lacks {}, which the relay needs: run {} (the relay's grants are in docs/SECURITY.md)", .missing.join(", "), .grants.join(" "))]
+    Privileges {
+        role: String,
+        /// e.g. `DELETE on "public".outbox_event`
+        missing: Vec<String>,
+        /// The statements that grant them.
+        grants: Vec<String>,
+    },
+    #[error("could not check the relay's privileges: {0}")]
+    Database(sqlx::Error),
     #[error("could not start the relay's store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(crate::store::StoreError),
+}
+
+impl From<crate::store::StoreError> for SetupError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+/// Checks that the connected role holds the privileges the relay uses, so that a missing grant
+/// stops the start with the statement to run instead of failing every claim.
+pub async fn check_relay_privileges(
+    pool: &PgPool,
+    schema: &Schema,
+    notify: bool,
+) -> Result<(), SetupError> {
+    let mut needed = vec![
+        (schema.qualify("outbox_event"), "SELECT"),
+        (schema.qualify("outbox_event"), "UPDATE"),
+        (schema.qualify("outbox_event"), "DELETE"),
+    ];
+    if notify {
+        // The relay's request for notifications (a sequence: see migration 2).
+        for privilege in ["SELECT", "UPDATE"] {
+            needed.push((schema.qualify("outbox_wakeup_wanted_ms"), privilege));
+        }
+    }
+    let tables: Vec<String> = needed.iter().map(|(t, _)| t.clone()).collect();
+    let privileges: Vec<&str> = needed.iter().map(|(_, p)| *p).collect();
+    let (role, held): (String, Vec<bool>) = sqlx::query_as(
+        "SELECT current_user::text,
+                ARRAY(SELECT has_table_privilege(t, p)
+                      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS n(t, p, i) ORDER BY i)",
+    )
+    .bind(&tables)
+    .bind(&privileges)
+    .fetch_one(pool)
+    .await
+    .map_err(SetupError::Database)?;
+    let lacking: Vec<&(String, &str)> = needed
+        .iter()
+        .zip(&held)
+        .filter(|(_, held)| !**held)
+        .map(|(n, _)| n)
+        .collect();
+    if lacking.is_empty() {
+        return Ok(());
+    }
+    let quoted_role = format!("\"{}\"", role.replace('"', "\"\""));
+    Err(SetupError::Privileges {
+        missing: lacking.iter().map(|(t, p)| format!("{p} on {t}")).collect(),
+        grants: lacking
+            .iter()
+            .map(|(t, p)| format!("GRANT {p} ON {t} TO {quoted_role};"))
+            .collect(),
+        role,
+    })
 }
 
 /// Builds the relay from the configuration on an existing pool, after checking that the schema is
-/// migrated: the one call an embedding application needs (then [`Relay::spawn`](crate::Relay::spawn)).
+/// migrated and that the role holds the privileges the relay needs: the one call an embedding
+/// application needs (then [`Relay::spawn`](crate::Relay::spawn)). Settings of the database that
+/// differ from the configuration (`strict_key_order`, the payload limit) are logged as warnings.
 pub async fn relay_from_config<P: crate::Publisher>(
     config: &crate::Config,
     pool: PgPool,
     publisher: P,
 ) -> Result<crate::Relay<PgStore, P>, SetupError> {
     check_schema(&pool, &config.schema).await?;
+    check_relay_privileges(&pool, &config.schema, config.relay.notify).await?;
+    match settings_drift(&pool, &config.schema, &MigrateOptions::from(config)).await {
+        Ok(drift) => {
+            for problem in drift {
+                tracing::warn!(schema = %config.schema, "{problem}");
+            }
+        }
+        // Only a diagnostic: the relay works either way.
+        Err(e) => {
+            tracing::warn!(error = %e, "could not compare the database's outbox settings with the configuration")
+        }
+    }
     let store = PgStore::new(pool, config.store_options()).await?;
     Ok(crate::Relay::new(store, publisher, config.relay_options()))
 }
 
-/// Opens the pool described by `config.database`.
+/// Opens the pool described by `config.database`. A connection string that does not parse is a
+/// configuration error (`database.url`), as at load.
 pub async fn connect_from_config(
     config: &crate::Config,
     application_name: &str,
 ) -> Result<PgPool, crate::ConfigOrConnectError> {
     let url = config.require_database_url()?;
-    Ok(connect(
+    match connect(
         url,
         config.database.max_connections,
         config.database.connect_timeout,
         application_name,
     )
-    .await?)
+    .await
+    {
+        Ok(pool) => Ok(pool),
+        Err(ConnectError::BadUrl { reason, .. }) => {
+            Err(crate::config::ConfigError::database_url(url, reason).into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
