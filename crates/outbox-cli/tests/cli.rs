@@ -431,75 +431,6 @@ async fn sigterm_during_a_drain_settles_the_batch_and_exits() {
     );
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("interrupted by SIGTERM"), "{err}");
-
-/// `migrate --print` applied by psql (as a deployment's own migration tool would) gives the schema
-/// `outbox migrate` gives: the bookkeeping the relay checks, the configured settings; the relay
-/// then delivers through the real binary.
-#[tokio::test]
-async fn migrate_print_applied_with_psql_gives_a_schema_the_relay_accepts() {
-    let db = TestDb::empty().await.unwrap();
-    let settings = [
-        ("OUTBOX_STRICT_KEY_ORDER", "true"),
-        ("OUTBOX_EVENTS__MAX_PAYLOAD_BYTES", "4096"),
-    ];
-    let out = run(outbox(&db.url).args(["migrate", "--print"]).envs(settings));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let script = temp_file("migrate.sql");
-    std::fs::write(&script, &out.stdout).unwrap();
-    let psql = |args: &[&str]| {
-        Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &db.url])
-            .args(args)
-            .output()
-            .expect("psql runs")
-    };
-    let applied = psql(&["--single-transaction", "-f", &script.display().to_string()]);
-    assert!(applied.status.success(), "{}", stderr(&applied));
-
-    // `outbox migrate` with the same configuration finds nothing to do.
-    let out = run(outbox(&db.url).arg("migrate").envs(settings));
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("up to date") && !stderr(&out).contains("changed"),
-        "{}",
-        stderr(&out)
-    );
-    // The relay and status accept the schema; events flow.
-    let ids = enqueue(&db, 3, 2).await;
-    let file = temp_file("printed.jsonl");
-    let out = run(outbox(&db.url)
-        .args(["relay", "--drain", "--publisher"])
-        .arg(format!("file:{}", file.display()))
-        .envs(settings));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let published: Vec<uuid::Uuid> = read_lines(&file).iter().map(|l| l.0).collect();
-    assert_eq!(published, ids);
-    let out = run(outbox(&db.url).args(["status", "--json"]).envs(settings));
-    assert!(out.status.success(), "{}", stderr(&out));
-    // The configured payload limit reached SQL producers.
-    let big = format!(
-        "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload) VALUES ('o', '1', 'E', '{{\"x\": \"{}\"}}')",
-        "y".repeat(5000)
-    );
-    let refused = psql(&["-c", &big]);
-    assert!(!refused.status.success());
-    assert!(
-        stderr(&refused).contains("over the limit of 4096 bytes"),
-        "{}",
-        stderr(&refused)
-    );
-    // Per version: nothing left to apply from the latest on, and an unknown version is refused.
-    let latest = outbox::postgres::latest_version().to_string();
-    let out = run(outbox(&db.url).args(["migrate", "--print", "--from", &latest]));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = run(outbox(&db.url).args(["migrate", "--print", "--from", "99"]));
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("no outbox migration 99"),
-        "{}",
-        stderr(&out)
-    );
-    std::fs::remove_file(script).ok();
     std::fs::remove_file(file).ok();
     db.drop_db().await.unwrap();
 }
@@ -944,6 +875,79 @@ async fn dead_letter_commands_list_show_replay_and_delete() {
     );
     assert_eq!(count(&db, dead).await, 1);
     db.drop_db().await.unwrap();
+}
+
+/// `migrate --print` applied by psql (as a deployment's own migration tool would) gives the schema
+/// `outbox migrate` gives: the bookkeeping the relay checks, the configured settings; the relay
+/// then delivers through the real binary.
+#[tokio::test]
+async fn migrate_print_applied_with_psql_gives_a_schema_the_relay_accepts() {
+    let db = TestDb::empty().await.unwrap();
+    let settings = [
+        ("OUTBOX_STRICT_KEY_ORDER", "true"),
+        ("OUTBOX_EVENTS__MAX_PAYLOAD_BYTES", "4096"),
+    ];
+    let out = run(outbox(&db.url).args(["migrate", "--print"]).envs(settings));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let script = temp_file("migrate.sql");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let psql = |args: &[&str]| {
+        Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &db.url])
+            .args(args)
+            .output()
+            .expect("psql runs")
+    };
+    let applied = psql(&["--single-transaction", "-f", &script.display().to_string()]);
+    assert!(applied.status.success(), "{}", stderr(&applied));
+
+    // `outbox migrate` with the same configuration finds nothing to do.
+    let out = run(outbox(&db.url).arg("migrate").envs(settings));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("up to date") && !stderr(&out).contains("changed"),
+        "{}",
+        stderr(&out)
+    );
+    // The relay and status accept the schema; events flow.
+    let ids = enqueue(&db, 3, 2).await;
+    let file = temp_file("printed.jsonl");
+    let out = run(outbox(&db.url)
+        .args(["relay", "--drain", "--publisher"])
+        .arg(format!("file:{}", file.display()))
+        .envs(settings));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let published: Vec<uuid::Uuid> = read_lines(&file).iter().map(|l| l.0).collect();
+    assert_eq!(published, ids);
+    let out = run(outbox(&db.url).args(["status", "--json"]).envs(settings));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The configured payload limit reached SQL producers.
+    let big = format!(
+        "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload) VALUES ('o', '1', 'E', '{{\"x\": \"{}\"}}')",
+        "y".repeat(5000)
+    );
+    let refused = psql(&["-c", &big]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("over the limit of 4096 bytes"),
+        "{}",
+        stderr(&refused)
+    );
+    // Per version: nothing left to apply from the latest on, and an unknown version is refused.
+    let latest = outbox::postgres::latest_version().to_string();
+    let out = run(outbox(&db.url).args(["migrate", "--print", "--from", &latest]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(outbox(&db.url).args(["migrate", "--print", "--from", "99"]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no outbox migration 99"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_file(script).ok();
+    std::fs::remove_file(file).ok();
+    db.drop_db().await.unwrap();
+}
 
 /// `migrate` says when it changed a setting, refuses a newer schema and someone else's table
 /// (exit 2, nothing changed), and a relay configured differently from the database says so.

@@ -694,7 +694,7 @@ impl Config {
             );
         }
         if r.destination_backoff_max < r.backoff_base {
-            return bad(
+            p.add(
                 "relay.destination_backoff_max",
                 format!(
                     "{:?} is below relay.backoff_base ({:?})",
@@ -704,7 +704,7 @@ impl Config {
             );
         }
         if r.max_batch_bytes < 1024 {
-            return bad(
+            p.add(
                 "relay.max_batch_bytes",
                 format!("{} is below 1024", r.max_batch_bytes),
                 "use a budget such as 16777216 (16 MiB); a claim always takes at least one event",
