@@ -225,6 +225,11 @@ pub async fn run(config: &Config, action: DeadAction) -> Result<()> {
                     out(line(e))?;
                 }
             }
+            if i64::try_from(events.len()) == Ok(limit) {
+                eprintln!(
+                    "(the first {limit}; there may be more: narrow with filters or raise --limit)"
+                );
+            }
             Ok(())
         }
         DeadAction::Show { id, json } => {

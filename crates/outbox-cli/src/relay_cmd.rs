@@ -59,6 +59,9 @@ impl RelayCommand<'_> {
         };
         if self.drain {
             let result = relay.drain_until(stop).await;
+            if let Err(e @ RelayError::PublisherCheck(_)) = result {
+                return Err(check(e));
+            }
             let left = postgres::status(&pool, &config.schema).await;
             let report = match result {
                 Ok(report) => report,

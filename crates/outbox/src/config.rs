@@ -5,7 +5,8 @@
 //! `OUTBOX_` and `__` between levels: `OUTBOX_RELAY__BATCH_SIZE=500`; `DATABASE_URL` sets
 //! `database.url`. `OUTBOX_PROFILE`, `OUTBOX_CONFIG`, `OUTBOX_LOG`, `OUTBOX_LOG_FORMAT` and
 //! `OUTBOX_TEST_*`, `OUTBOX_BENCH_*`, `OUTBOX_FAULTS_*`, `OUTBOX_DEMO_*` are not keys; any other
-//! `OUTBOX_*` variable must name one. Everything is validated at start-up; an error names the key and the fix.
+//! `OUTBOX_*` variable must name one. Everything is validated at start-up; an error names the key
+//! and the fix.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
