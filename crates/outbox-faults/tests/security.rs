@@ -20,6 +20,39 @@ fn all_output(o: &Output) -> String {
     )
 }
 
+/// `outbox relay --drain` to a JSON Lines file, as the role of `url`.
+fn drain_to_file(dir: &Path, toml: &str, url: &str, file: &Path) -> Output {
+    cli(
+        dir,
+        toml,
+        &[
+            "relay",
+            "--publisher",
+            &format!("file:{}", file.display()),
+            "--drain",
+        ],
+        &[("DATABASE_URL", url)],
+    )
+}
+
+/// A login role of the test's own with `grants` (`{db}` and `{role}` filled in), created with
+/// `setup` (more SQL, run as the owner), and the URL that connects as it.
+async fn role_with(db: &TestDb, prefix: &str, grants: &str, setup: &str) -> (String, String) {
+    let role = format!("{prefix}_{}", &db.name[db.name.len() - 8..]);
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN; {setup} {}",
+        grants.replace("{db}", &db.name).replace("{role}", &role)
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let url = db
+        .url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    assert_ne!(url, db.url);
+    (role, url)
+}
+
 const INJECTIONS: &[&str] = &[
     "x\"; DROP TABLE canary; --",
     "public; DROP TABLE canary",
@@ -103,17 +136,7 @@ async fn event_values_with_sql_metacharacters_travel_verbatim() {
     tx.commit().await.unwrap();
     let dir = scratch("verbatim");
     let file = dir.join("events.jsonl");
-    let out = cli(
-        &dir,
-        "",
-        &[
-            "relay",
-            "--publisher",
-            &format!("file:{}", file.display()),
-            "--drain",
-        ],
-        &[("DATABASE_URL", &db.url)],
-    );
+    let out = drain_to_file(&dir, "", &db.url, &file);
     assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
     let line = std::fs::read_to_string(&file).unwrap();
     let event: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
@@ -221,18 +244,11 @@ async fn secrets_never_reach_stderr_stdout_or_debug_output() {
 #[tokio::test]
 async fn the_relay_refuses_to_start_without_the_privileges_it_needs() {
     let db = TestDb::new().await.unwrap();
-    let role = format!("outbox_nodelete_{}", &db.name[db.name.len() - 8..]);
-    let grants = RELAY_GRANTS
-        .replace(
-            "SELECT, UPDATE, DELETE ON public.outbox_event",
-            "SELECT, UPDATE ON public.outbox_event",
-        )
-        .replace("{db}", &db.name)
-        .replace("{role}", &role);
-    sqlx::raw_sql(&format!("CREATE ROLE {role} LOGIN; {grants}"))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let without_delete = RELAY_GRANTS.replace(
+        "SELECT, UPDATE, DELETE ON public.outbox_event",
+        "SELECT, UPDATE ON public.outbox_event",
+    );
+    let (role, url) = role_with(&db, "outbox_nodelete", &without_delete, "").await;
     let outbox = Outbox::new(Schema::default());
     let mut tx = db.pool.begin().await.unwrap();
     outbox
@@ -240,22 +256,9 @@ async fn the_relay_refuses_to_start_without_the_privileges_it_needs() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let url = db
-        .url
-        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
     let dir = scratch("missing-grant");
     let file = dir.join("events.jsonl");
-    let out = cli(
-        &dir,
-        "",
-        &[
-            "relay",
-            "--publisher",
-            &format!("file:{}", file.display()),
-            "--drain",
-        ],
-        &[("DATABASE_URL", &url)],
-    );
+    let out = drain_to_file(&dir, "", &url, &file);
     let text = all_output(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
@@ -300,19 +303,7 @@ const PRODUCER_GRANTS: &str = "
 #[tokio::test]
 async fn producers_with_the_documented_grants_write_only_the_event_columns() {
     let db = TestDb::new().await.unwrap();
-    let role = format!("outbox_producer_{}", &db.name[db.name.len() - 8..]);
-    sqlx::raw_sql(&format!(
-        "CREATE ROLE {role} LOGIN; {}",
-        PRODUCER_GRANTS
-            .replace("{db}", &db.name)
-            .replace("{role}", &role)
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let url = db
-        .url
-        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let (role, url) = role_with(&db, "outbox_producer", PRODUCER_GRANTS, "").await;
     let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&url).await.unwrap();
     // The Rust API and a plain SQL insert work.
     Outbox::new(Schema::default())
@@ -371,18 +362,17 @@ const RELAY_GRANTS: &str = "
 #[tokio::test]
 async fn the_relay_runs_as_a_role_with_only_the_documented_grants() {
     let db = TestDb::new().await.unwrap();
-    let role = format!("outbox_relay_{}", &db.name[db.name.len() - 8..]);
-    sqlx::raw_sql(&format!(
-        "CREATE ROLE {role} LOGIN; REVOKE ALL ON DATABASE {db} FROM PUBLIC; {grants}
-         CREATE TABLE business_secret (x int); INSERT INTO business_secret VALUES (1);",
-        db = db.name,
-        grants = RELAY_GRANTS
-            .replace("{db}", &db.name)
-            .replace("{role}", &role),
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let (role, url) = role_with(
+        &db,
+        "outbox_relay",
+        RELAY_GRANTS,
+        &format!(
+            "REVOKE ALL ON DATABASE {} FROM PUBLIC;
+             CREATE TABLE business_secret (x int); INSERT INTO business_secret VALUES (1);",
+            db.name
+        ),
+    )
+    .await;
     let outbox = Outbox::new(Schema::default());
     let mut tx = db.pool.begin().await.unwrap();
     let n = 120;
@@ -396,25 +386,11 @@ async fn the_relay_runs_as_a_role_with_only_the_documented_grants() {
             .unwrap();
     }
     tx.commit().await.unwrap();
-    let url = db
-        .url
-        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
-    assert_ne!(url, db.url);
     let dir = scratch("least-privilege");
     let file = dir.join("events.jsonl");
     // Both retention modes: delete on publish (default) and mark published (retention > 0).
     for (toml, expect_left) in [("", 0i64), ("[default.relay]\nretention = \"1h\"\n", 0)] {
-        let out = cli(
-            &dir,
-            toml,
-            &[
-                "relay",
-                "--publisher",
-                &format!("file:{}", file.display()),
-                "--drain",
-            ],
-            &[("DATABASE_URL", &url)],
-        );
+        let out = drain_to_file(&dir, toml, &url, &file);
         assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = 'pending'")

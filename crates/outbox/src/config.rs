@@ -222,25 +222,53 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-/// URL parameters whose values are shown in redacted connection strings.
-const SHOWN_URL_PARAMETERS: &[&str] = &[
-    "sslmode",
-    "ssl-mode",
-    "sslrootcert",
-    "ssl-root-cert",
-    "ssl-ca",
-    "sslcert",
-    "ssl-cert",
-    "sslkey",
-    "ssl-key",
-    "statement-cache-capacity",
-    "host",
-    "hostaddr",
-    "port",
-    "dbname",
-    "user",
-    "application_name",
+/// A connection parameter the outbox accepts: as a URL query parameter (sqlx's names) and, when
+/// `keyword`, in the libpq key/value form.
+pub(crate) struct ConnectionParameter {
+    pub name: &'static str,
+    /// Accepted in the key/value form (`host=db port=5432 ...`).
+    pub keyword: bool,
+    /// Its value is shown in redacted connection strings (it never holds a secret).
+    pub shown: bool,
+}
+
+const fn param(name: &'static str, keyword: bool, shown: bool) -> ConnectionParameter {
+    ConnectionParameter {
+        name,
+        keyword,
+        shown,
+    }
+}
+
+/// Every connection parameter sqlx understands; anything else is refused rather than ignored
+/// (sqlx would log an unknown parameter with its value, e.g. a misspelt password).
+pub(crate) const CONNECTION_PARAMETERS: &[ConnectionParameter] = &[
+    param("host", true, true),
+    param("hostaddr", true, true),
+    param("port", true, true),
+    param("dbname", true, true),
+    param("user", true, true),
+    param("password", true, false),
+    param("sslmode", true, true),
+    param("sslrootcert", true, true),
+    param("sslcert", true, true),
+    param("sslkey", true, true),
+    param("application_name", true, true),
+    param("options", true, false),
+    param("ssl-mode", false, true),
+    param("ssl-root-cert", false, true),
+    param("ssl-ca", false, true),
+    param("ssl-cert", false, true),
+    param("ssl-key", false, true),
+    param("statement-cache-capacity", false, true),
 ];
+
+/// Whether the value of parameter `name` may be shown in a redacted connection string.
+fn shown_parameter(name: &str) -> bool {
+    CONNECTION_PARAMETERS
+        .iter()
+        .any(|p| p.shown && p.name == name)
+}
 
 /// Replaces the password of a URL (`user:password@`) and the value of any query parameter but the
 /// known harmless ones (`sslmode`, `host`, ...: a misspelt `password` included) with `***`;
@@ -268,7 +296,7 @@ pub fn redact_url(url: &str) -> String {
             .split('&')
             .map(|pair| match pair.split_once('=') {
                 // Only parameters known to hold no secret are shown: a misspelt `password` is not.
-                Some((k, _)) if !SHOWN_URL_PARAMETERS.contains(&k) => format!("{k}=***"),
+                Some((k, _)) if !shown_parameter(k) => format!("{k}=***"),
                 _ => pair.to_owned(),
             })
             .collect();
@@ -334,7 +362,7 @@ fn redact_keyword_values(text: &str) -> String {
             .into_iter()
             .map(|(k, v)| {
                 // As for URLs: only keywords known to hold no secret are shown.
-                if !SHOWN_URL_PARAMETERS.contains(&k.as_str()) {
+                if !shown_parameter(&k) {
                     format!("{k}=***")
                 } else if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '\'') {
                     format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))

@@ -24,7 +24,7 @@ pub use migrate::{
 pub use schema::{InvalidSchema, Schema, MAX_SCHEMA_LEN};
 pub use store::{DeadLetterPolicy, PgClaim, PgStore, PgStoreOptions, Waker};
 
-use crate::config::{keyword_values, DatabaseUrl};
+use crate::config::{keyword_values, ConnectionParameter, DatabaseUrl, CONNECTION_PARAMETERS};
 
 /// Why the database could not be reached; the message says where and what to check. The URL is
 /// always shown redacted, and a driver's error text is redacted too.
@@ -35,45 +35,6 @@ pub enum ConnectError {
     #[error("cannot connect to PostgreSQL at {url}: {reason}; check that the server is running and reachable, and that database.url / DATABASE_URL (host, port, user, password, sslmode) is right")]
     Unreachable { url: String, reason: String },
 }
-
-/// The URL query parameters sqlx understands; anything else is refused rather than ignored (sqlx
-/// would log an unknown parameter with its value, e.g. a misspelt password).
-const URL_PARAMETERS: &[&str] = &[
-    "sslmode",
-    "ssl-mode",
-    "sslrootcert",
-    "ssl-root-cert",
-    "ssl-ca",
-    "sslcert",
-    "ssl-cert",
-    "sslkey",
-    "ssl-key",
-    "statement-cache-capacity",
-    "host",
-    "hostaddr",
-    "port",
-    "dbname",
-    "user",
-    "password",
-    "application_name",
-    "options",
-];
-
-/// The libpq keywords accepted in the key/value form (`host=db port=5432 user=app ...`).
-const KEYWORDS: &[&str] = &[
-    "host",
-    "hostaddr",
-    "port",
-    "dbname",
-    "user",
-    "password",
-    "sslmode",
-    "sslrootcert",
-    "sslcert",
-    "sslkey",
-    "application_name",
-    "options",
-];
 
 /// Parses a connection string: a `postgres://` / `postgresql://` URL or a libpq key/value string.
 /// Errors name the problem and never contain the password.
@@ -95,12 +56,12 @@ pub fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectErr
             if let Some((_, query)) = rest.split_once('?') {
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
                     let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-                    let known = URL_PARAMETERS.contains(&key)
+                    let known = CONNECTION_PARAMETERS.iter().any(|p| p.name == key)
                         || (key.starts_with("options[") && key.ends_with(']'));
                     if !known {
                         return Err(bad(format!(
                             "unknown parameter `{key}` (known: {})",
-                            URL_PARAMETERS.join(", ")
+                            names(|_| true)
                         )));
                     }
                 }
@@ -113,10 +74,13 @@ pub fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectErr
             let pairs = keyword_values(text).map_err(bad)?;
             let mut query = Vec::new();
             for (key, value) in pairs {
-                if !KEYWORDS.contains(&key.as_str()) {
+                if !CONNECTION_PARAMETERS
+                    .iter()
+                    .any(|p| p.keyword && p.name == key)
+                {
                     return Err(bad(format!(
                         "unsupported keyword `{key}` (supported: {})",
-                        KEYWORDS.join(", ")
+                        names(|p| p.keyword)
                     )));
                 }
                 query.push(format!("{key}={}", percent_encode(&value)));
@@ -128,6 +92,16 @@ pub fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectErr
     as_url
         .parse::<PgConnectOptions>()
         .map_err(|e| bad(redact_error(&e, url)))
+}
+
+/// The names of the connection parameters that `filter` keeps, for messages.
+fn names(filter: impl Fn(&ConnectionParameter) -> bool) -> String {
+    CONNECTION_PARAMETERS
+        .iter()
+        .filter(|p| filter(p))
+        .map(|p| p.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Percent-encodes everything but unreserved URL characters.
