@@ -1239,6 +1239,12 @@ async fn a_claim_stops_at_its_byte_budget_and_refuses_oversized_events() {
             .unwrap();
         }
     };
+    // Rows larger than the limit reach the table when the limit is lowered after they were
+    // written (or the insert trigger is dropped); the relay must cope with them either way.
+    sqlx::query("DROP TRIGGER outbox_event_payload_size ON outbox_event")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     insert("huge", "h".into(), blob(2_000_000)).await;
     insert("huge", "h".into(), blob(10)).await;
     for k in 0..10 {
