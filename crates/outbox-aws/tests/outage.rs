@@ -136,13 +136,31 @@ async fn relay_rides_out_an_emulator_outage_without_losing_events() {
         i += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let held: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox_event WHERE status = 'parked' AND held_for = 'q'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert!(held > 0, "events wait for the destination while it is down");
+    // The SDK may take a while to give up on a connection (its own retries): wait for the relay
+    // to record the outage rather than assume it did within the producers' 4 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox_event WHERE status = 'parked' AND held_for = 'q'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if held > 0 {
+            break;
+        }
+        let rows: Vec<(String, i32, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT status, attempts, held_for, last_error FROM outbox_event ORDER BY seq LIMIT 3",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        assert!(
+            Instant::now() < deadline,
+            "events should wait for the destination while it is down: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let charged: i64 =
         sqlx::query_scalar("SELECT coalesce(max(attempts), 0)::bigint FROM outbox_event")
             .fetch_one(&db.pool)
