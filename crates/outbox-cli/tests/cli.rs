@@ -341,7 +341,7 @@ async fn drain_exit_codes_say_whether_the_outbox_was_drained() {
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::query("UPDATE outbox_event SET attempts = 1, available_at = now() + interval '1 hour' WHERE id = $1")
+    sqlx::query("UPDATE outbox_event SET status = 'parked', attempts = 1, last_error = 'flaky', available_at = now() + interval '1 hour' WHERE id = $1")
         .bind(ids[1])
         .execute(&db.pool)
         .await
@@ -351,7 +351,7 @@ async fn drain_exit_codes_say_whether_the_outbox_was_drained() {
     let err = stderr(&out);
     assert!(err.contains("not drained"), "{err}");
     assert!(
-        err.contains("1 dead") && err.contains("1 of them retrying"),
+        err.contains("1 dead") && err.contains("1 retrying after a failed attempt"),
         "{err}"
     );
     assert_eq!(count(&db, "SELECT count(*) FROM outbox_event").await, 2);
