@@ -104,6 +104,10 @@ impl World {
             use_env: false,
         })
         .unwrap();
+        // The table carries the configured payload limit, as `outbox migrate` would set it.
+        outbox::postgres::migrate_from_config(&mut orders_db.connect().await.unwrap(), &config)
+            .await
+            .unwrap();
         outbox_aws::bootstrap(&config).await.unwrap();
         let settings = outbox_aws::AwsSettings::from_config(&config).unwrap();
         let clients = outbox_aws::AwsClients::new(&settings).await.unwrap();
@@ -515,12 +519,19 @@ async fn an_order_whose_event_could_never_be_delivered_is_refused_with_413_and_n
         .unwrap();
     let consumer = world.shipping().await;
     let api = Api::new(format!("http://{}", service.addr));
-    // The OrderPlaced payload around the customer name (order ids are always 14 characters).
-    let overhead = serde_json::json!({
-        "order_id": "ord-0123456789", "customer": "", "total_cents": 1000, "version": 1
-    })
-    .to_string()
-    .len();
+    // The OrderPlaced payload around the customer name (order ids are always 14 characters),
+    // measured as the limit measures it: the text form PostgreSQL gives the stored payload.
+    let overhead: i32 = sqlx::query_scalar("SELECT octet_length($1::jsonb::text)")
+        .bind(
+            serde_json::json!({
+                "order_id": "ord-0123456789", "customer": "", "total_cents": 1000, "version": 1
+            })
+            .to_string(),
+        )
+        .fetch_one(&world.orders_db.pool)
+        .await
+        .unwrap();
+    let overhead = usize::try_from(overhead).unwrap();
     let order = |customer_len: usize| serde_json::json!({"customer": "x".repeat(customer_len), "total_cents": 1000});
 
     // One byte over the limit: refused with the reason.
