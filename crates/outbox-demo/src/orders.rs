@@ -345,13 +345,12 @@ impl Service {
         migrate(&pool).await?;
         let relay = if config.relay.enabled {
             let publisher = build_publisher(config).await?;
-            // Fail at start-up, not silently in the background, when a destination is missing.
-            publisher.check().await.map_err(|e| {
-                anyhow::anyhow!("the embedded relay cannot publish: {}", e.reason())
-            })?;
-            let relay = outbox::relay_from_config(config, pool.clone(), publisher).await?;
+            // Fails at start-up, not silently in the background, when a destination is missing.
+            let relay = outbox::start_relay_from_config(config, pool.clone(), publisher)
+                .await
+                .map_err(|e| anyhow::anyhow!("the embedded relay cannot start: {e}"))?;
             tracing::info!(publisher = %config.publisher, "embedded relay started");
-            Some(relay.spawn())
+            relay
         } else {
             tracing::info!("relay.enabled = false: events wait for a standalone `outbox relay`");
             None

@@ -23,9 +23,8 @@ async fn main() -> anyhow::Result<()> {
     let publisher = outbox::publisher::builtin(&config.publisher)
         .await?
         .ok_or_else(|| anyhow::anyhow!("this example uses a built-in publisher"))?;
-    let relay = outbox::relay_from_config(&config, pool.clone(), publisher)
-        .await?
-        .spawn();
+    // None when relay.enabled = false (a standalone `outbox relay` publishes instead).
+    let relay = outbox::start_relay_from_config(&config, pool.clone(), publisher).await?;
 
     // Business change and event in one transaction.
     let order_id = uuid::Uuid::now_v7().to_string();
@@ -53,7 +52,9 @@ async fn main() -> anyhow::Result<()> {
     tx.commit().await?; // the event exists if and only if the order does
 
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let stats = relay.stop().await?; // on shutdown: finishes the in-flight batch
-    eprintln!("published {} event(s)", stats.published);
+    if let Some(relay) = relay {
+        let stats = relay.stop().await?; // on shutdown: finishes the in-flight batch
+        eprintln!("published {} event(s)", stats.published);
+    }
     Ok(())
 }

@@ -28,7 +28,10 @@ pub mod store;
 
 pub use config::{Config, ConfigError, ConfigSource, PublisherSpec};
 pub use event::{EventError, EventLimits, Headers, NewEvent, OrderingKey, OutboxEvent};
-pub use postgres::{connect_from_config, migrate_from_config, relay_from_config};
+pub use postgres::{
+    connect_from_config, migrate_from_config, relay_from_config, start_relay_from_config,
+    StartError,
+};
 pub use postgres::{
     migrate, DeadLetterPolicy, EnqueueError, MigrateError, MigrateOptions, Outbox, PgStore,
     PgStoreOptions, Schema,

@@ -317,6 +317,15 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         lock(&self.inner.fatal).clone()
     }
 
+    /// Checks the publisher's destinations ([`Publisher::check`]), as `run` does first.
+    pub async fn check(&self) -> Result<(), RelayError> {
+        self.inner
+            .publisher
+            .check()
+            .await
+            .map_err(RelayError::PublisherCheck)
+    }
+
     /// Starts the relay as a background task (the embedded mode). Stop it with
     /// [`RelayHandle::stop`]; dropping the handle stops it too.
     pub fn spawn(&self) -> RelayHandle {

@@ -243,6 +243,35 @@ pub async fn check_relay_privileges(
     })
 }
 
+/// Why [`start_relay_from_config`] could not start the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// A destination is missing or unreachable: found before anything is claimed.
+    #[error(transparent)]
+    Publisher(#[from] crate::relay::RelayError),
+}
+
+/// The embedded relay as the configuration says: `None` when `relay.enabled = false` (the
+/// application leaves publishing to a standalone `outbox relay`); otherwise the relay is set up
+/// ([`relay_from_config`]), its publisher is checked — so a missing destination fails here, at
+/// start-up, not silently in a background task — and it is spawned. Stop it with
+/// [`RelayHandle::stop`](crate::RelayHandle::stop), which finishes the batch in flight.
+pub async fn start_relay_from_config<P: crate::Publisher>(
+    config: &crate::Config,
+    pool: PgPool,
+    publisher: P,
+) -> Result<Option<crate::RelayHandle>, StartError> {
+    if !config.relay.enabled {
+        tracing::info!("relay.enabled = false: events wait for a standalone `outbox relay`");
+        return Ok(None);
+    }
+    let relay = relay_from_config(config, pool, publisher).await?;
+    relay.check().await?;
+    Ok(Some(relay.spawn()))
+}
+
 /// Builds the relay from the configuration on an existing pool, after checking that the schema is
 /// migrated and that the role holds the privileges the relay needs: the one call an embedding
 /// application needs (then [`Relay::spawn`](crate::Relay::spawn)). Settings of the database that
