@@ -159,6 +159,19 @@ fn config_reports_every_problem_at_once_including_the_aws_sections() {
         shown["events"]["max_payload_bytes"],
         outbox::event::DEFAULT_MAX_PAYLOAD_BYTES
     );
+    // A payload limit above what every destination takes: valid, with a warning saying why.
+    let out = cli(
+        &dir,
+        &format!("{toml}[default.events]\nmax_payload_bytes = 4194304\n"),
+        &["config"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("events.max_payload_bytes (4194304) is above the largest message any configured destination accepts (1048576 bytes)"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

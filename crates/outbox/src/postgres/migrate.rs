@@ -48,6 +48,13 @@ pub fn latest_version() -> i32 {
     MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
+/// The migrations in version order, whatever the order of their registration.
+fn in_order() -> Vec<&'static Migration> {
+    let mut all: Vec<&'static Migration> = MIGRATIONS.iter().collect();
+    all.sort_by_key(|m| m.version);
+    all
+}
+
 /// Arbitrary constant that namespaces the outbox's advisory locks.
 pub(crate) const LOCK_CLASS: i32 = 0x6f75_7462; // "outb"
 
@@ -181,7 +188,7 @@ pub fn migration_sql(
     options: &MigrateOptions,
     from: i32,
 ) -> Result<String, MigrateError> {
-    let known: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    let known: Vec<i32> = in_order().iter().map(|m| m.version).collect();
     let latest = latest_version();
     if !(known.contains(&from) || from == latest + 1) {
         return Err(MigrateError::UnknownVersion { from, known });
@@ -204,7 +211,7 @@ pub fn migration_sql(
     );
     sql.push_str(&prologue_sql(schema));
     sql.push_str(&guard_sql(schema, previous));
-    for m in MIGRATIONS.iter().filter(|m| m.version >= from) {
+    for m in in_order().into_iter().filter(|m| m.version >= from) {
         sql.push_str(&migration_step_sql(schema, m, options));
     }
     sql.push_str(
@@ -358,7 +365,10 @@ async fn migrate_in_transaction(
         check_own_table(conn, &schema.qualify("outbox_event"), EVENT_COLUMNS).await?;
     }
     let mut applied = Vec::new();
-    for m in MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
+    for m in in_order()
+        .into_iter()
+        .filter(|m| !done.contains(&m.version))
+    {
         let step = migration_step_sql(schema, m, &options);
         conn.execute(step.as_str())
             .await
@@ -566,4 +576,24 @@ pub async fn check_schema(pool: &sqlx::PgPool, schema: &Schema) -> Result<i32, S
         });
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_unique_and_placeholders_all_filled() {
+        let versions: Vec<i32> = in_order().iter().map(|m| m.version).collect();
+        let mut unique = versions.clone();
+        unique.dedup();
+        assert_eq!(versions, unique, "two migrations share a version");
+        let sql = migration_sql(&Schema::default(), &MigrateOptions::default(), 1).unwrap();
+        for placeholder in ["{schema}", "{channel}", "{max_payload_bytes}"] {
+            assert!(
+                !sql.contains(placeholder),
+                "{placeholder} left in the script"
+            );
+        }
+    }
 }

@@ -55,7 +55,10 @@ pub fn connect_options(url: &DatabaseUrl) -> Result<PgConnectOptions, ConnectErr
             }
             if let Some((_, query)) = rest.split_once('?') {
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
-                    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+                    // Not echoed: a parameter without `=` may be a stray secret.
+                    let Some((key, _)) = pair.split_once('=') else {
+                        return Err(bad("a URL parameter has no `=` and value".to_owned()));
+                    };
                     let known = CONNECTION_PARAMETERS.iter().any(|p| p.name == key)
                         || (key.starts_with("options[") && key.ends_with(']'));
                     if !known {
@@ -159,10 +162,9 @@ fn redact_error(e: &sqlx::Error, url: &DatabaseUrl) -> String {
         return text;
     }
     let mut text = text.replace(url.expose(), &url.redacted());
-    if let Some(password) = url.password() {
-        if !password.is_empty() {
-            text = text.replace(&password, "***");
-        }
+    // Shorter passwords would mangle the message more than they could reveal.
+    if let Some(password) = url.password().filter(|p| p.len() >= 4) {
+        text = text.replace(&password, "***");
     }
     text
 }
