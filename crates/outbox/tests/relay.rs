@@ -1282,3 +1282,64 @@ async fn a_claim_stops_at_its_byte_budget_and_refuses_oversized_events() {
     );
     db.drop_db().await.unwrap();
 }
+
+/// The embedded entry point applies the configuration: `relay.enabled = false` starts nothing,
+/// and a publisher whose destinations fail the check is refused before anything is claimed.
+#[tokio::test]
+async fn start_relay_from_config_honours_enabled_and_checks_the_destinations_first() {
+    struct Missing;
+    #[async_trait::async_trait]
+    impl Publisher for Missing {
+        async fn publish(&self, batch: &[outbox::OutboxEvent]) -> Vec<outbox::PublishResult> {
+            vec![Ok(()); batch.len()]
+        }
+        async fn check(&self) -> Result<(), outbox::PublishError> {
+            Err(outbox::PublishError::permanent(
+                "queue `orders` does not exist",
+            ))
+        }
+    }
+    let db = TestDb::new().await.unwrap();
+    enqueue_interleaved(&db, 1, 1).await;
+    let config = |enabled: bool| {
+        let path = std::env::temp_dir().join(format!("outbox-start-{}.toml", uuid::Uuid::now_v7()));
+        std::fs::write(
+            &path,
+            format!(
+                "[default.relay]\nenabled = {enabled}\n[default.database]\nurl = \"{}\"\n",
+                db.url
+            ),
+        )
+        .unwrap();
+        let config = outbox::Config::load(&outbox::ConfigSource {
+            file: Some(path.clone()),
+            profile: Some("local".into()),
+            use_env: false,
+        })
+        .unwrap();
+        std::fs::remove_file(path).unwrap();
+        config
+    };
+    let off =
+        outbox::start_relay_from_config(&config(false), db.pool.clone(), MemoryPublisher::new())
+            .await
+            .unwrap();
+    assert!(off.is_none(), "relay.enabled = false starts no relay");
+
+    let refused = outbox::start_relay_from_config(&config(true), db.pool.clone(), Missing).await;
+    assert!(
+        matches!(refused, Err(outbox::StartError::Publisher(_))),
+        "a failed destination check stops the start: {:?}",
+        refused.err()
+    );
+    assert_eq!(remaining(&db).await, 1, "nothing was claimed");
+
+    let publisher = MemoryPublisher::new();
+    let handle = outbox::start_relay_from_config(&config(true), db.pool.clone(), publisher.clone())
+        .await
+        .unwrap()
+        .expect("enabled by default");
+    assert!(wait_until(Duration::from_secs(5), || async { publisher.count() == 1 }).await);
+    handle.stop().await.unwrap();
+    db.drop_db().await.unwrap();
+}
