@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use outbox::config::{Config, PublisherSpec};
 use outbox::logging::LogFormat;
 use outbox::postgres::{self, Status};
-use outbox::relay::{RelayError, RelaySnapshot, RelayStats};
+use outbox::relay::{RelayError, RelayStats};
 use sqlx::PgPool;
 
 use crate::signals::Signals;
@@ -71,7 +71,7 @@ impl RelayCommand<'_> {
                     return Err(check(e).context(format!("the outbox was not drained{left}")));
                 }
             };
-            log_counters(&report, "drain finished");
+            report.log("drain finished");
             let left = left.context("reading what the drain left (outbox status)")?;
             return drain_verdict(&left, received.get().copied());
         }
@@ -87,8 +87,8 @@ impl RelayCommand<'_> {
         if let Some(task) = summary {
             task.abort();
         }
-        let report = result.map_err(check)?;
-        log_counters(&report, "outbox relay stopped");
+        // The relay logged its counters as it stopped.
+        result.map_err(check)?;
         Ok(())
     }
 }
@@ -122,20 +122,6 @@ fn left_text(s: &Status) -> String {
          {} waiting behind an earlier event of their key), {} dead",
         s.pending, s.retrying, s.held, s.blocked, s.dead
     )
-}
-
-/// The counters as fields, for people and log shippers alike.
-fn log_counters(s: &RelaySnapshot, message: &'static str) {
-    tracing::info!(
-        published = s.published,
-        retried = s.retried,
-        held = s.deferred,
-        dead = s.dead,
-        batches = s.batches,
-        claims_lost = s.claims_lost,
-        store_errors = s.store_errors,
-        "{message}"
-    );
 }
 
 /// Where the events go, for the start line: the configured AWS destinations, or the built-in

@@ -705,7 +705,7 @@ async fn logs_are_json_lines_or_plain_text_and_bad_log_settings_exit_2() {
     let last = summaries.last().unwrap();
     assert_eq!(last["backlog_pending"], 0, "{last}");
     assert_eq!(last["backlog_dead"], 0, "{last}");
-    let stopped = find("outbox relay stopped");
+    let stopped = find("relay stopped");
     assert_eq!(stopped["published"], 9, "{stopped}");
     assert_eq!(stopped["dead"], 0, "{stopped}");
 

@@ -132,6 +132,22 @@ pub struct RelaySnapshot {
     pub store_errors: u64,
 }
 
+impl RelaySnapshot {
+    /// Logs the counters as fields (for people and log shippers alike) with `message`.
+    pub fn log(&self, message: &str) {
+        tracing::info!(
+            published = self.published,
+            retried = self.retried,
+            held = self.deferred,
+            dead = self.dead,
+            batches = self.batches,
+            claims_lost = self.claims_lost,
+            store_errors = self.store_errors,
+            "{message}"
+        );
+    }
+}
+
 impl RelayStats {
     pub fn snapshot(&self) -> RelaySnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -296,16 +312,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             }
         }
         let s = self.inner.stats.snapshot();
-        tracing::info!(
-            batches = s.batches,
-            published = s.published,
-            retried = s.retried,
-            deferred = s.deferred,
-            dead = s.dead,
-            claims_lost = s.claims_lost,
-            store_errors = s.store_errors,
-            "relay stopped"
-        );
+        s.log("relay stopped");
         if let Some(reason) = self.fatal() {
             return Err(RelayError::PublisherFatal(reason));
         }
