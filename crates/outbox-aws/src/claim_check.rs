@@ -19,7 +19,8 @@ use aws_sdk_s3::primitives::ByteStream;
 use serde::{Deserialize, Serialize};
 
 use crate::config::LargePayloads;
-use crate::errors::{classify, error_chain, RequestFailure};
+use crate::errors::{classify, error_chain};
+use outbox::publisher::batch::RequestFailure;
 
 /// The SQS message attribute that flags a claim-check body.
 pub const CLAIM_CHECK_ATTRIBUTE: &str = "outbox-claim-check";
@@ -98,6 +99,23 @@ impl Offloader {
             key,
             size,
         })
+    }
+
+    /// Checks at start-up that the bucket exists and is reachable; the error gives the fix.
+    pub async fn check(&self, profile: crate::config::Profile) -> Result<(), String> {
+        let bucket = &self.config.bucket;
+        match self.s3.head_bucket().bucket(bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!(
+                "large-payload bucket `{bucket}` (aws.large_payloads.bucket) is not usable: {}; {}",
+                error_chain(&e),
+                if profile.is_local() {
+                    "run `outbox aws bootstrap` to create it on the emulator"
+                } else {
+                    "create the bucket and grant the relay s3:PutObject on it, or fix the name"
+                }
+            )),
+        }
     }
 }
 

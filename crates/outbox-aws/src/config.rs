@@ -1,10 +1,11 @@
-//! The typed `[aws]`, `[destinations]` and `[routes]` sections, read from the passthrough values of
-//! [`outbox::Config`] and validated before anything connects. Every error names the key and the fix.
+//! The typed `[aws]` section and the AWS kinds of `[destinations]` (`sqs`, `eventbridge`), read
+//! from [`outbox::Config`] and validated before anything connects. Every error names the key and
+//! the fix. Routing (`[[routes]]`, `default_destination`) is the core's, for every kind.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::DeserializeOwned;
+use outbox::publisher::DestinationRef;
 use serde::{Deserialize, Serialize};
 
 /// The endpoint the `local` profile uses when neither the configuration nor `AWS_ENDPOINT_URL*`
@@ -126,8 +127,6 @@ pub struct AwsSection {
     pub endpoint: Option<String>,
     /// `local` only: per-service endpoints, winning over `endpoint`.
     pub endpoints: ServiceEndpoints,
-    /// Where events go that neither name a destination nor match a route.
-    pub default_destination: Option<String>,
     /// S3 offloading of payloads over a destination's size limit (claim check).
     pub large_payloads: Option<LargePayloads>,
     /// What `bootstrap` creates besides the destinations (local profile only).
@@ -238,8 +237,11 @@ pub enum BodyFormat {
     Envelope,
 }
 
-/// `[destinations.NAME]`: where events can go.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The AWS kinds of destination.
+pub const KINDS: &[&str] = &["sqs", "eventbridge"];
+
+/// `[destinations.NAME]` of an AWS kind.
+#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DestinationConfig {
     /// An SQS queue; a name ending in `.fifo` is a FIFO queue.
@@ -249,10 +251,28 @@ pub enum DestinationConfig {
 }
 
 impl DestinationConfig {
+    /// The `kind` value.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Sqs(_) => "sqs",
             Self::Eventbridge(_) => "eventbridge",
+        }
+    }
+
+    /// Reads a destination of an AWS kind; `Ok(None)` for other kinds.
+    pub fn read(d: &DestinationRef<'_>) -> Result<Option<Self>, outbox::ConfigError> {
+        Ok(match d.kind {
+            "sqs" => Some(Self::Sqs(d.settings()?)),
+            "eventbridge" => Some(Self::Eventbridge(d.settings()?)),
+            _ => None,
+        })
+    }
+
+    /// The largest payload this destination carries without a claim check.
+    pub fn max_payload_bytes(&self) -> usize {
+        match self {
+            Self::Sqs(sqs) => sqs.max_message_bytes,
+            Self::Eventbridge(eb) => eb.max_entry_bytes,
         }
     }
 }
@@ -350,47 +370,15 @@ fn eb_max_entries() -> usize {
     limits::EVENTBRIDGE_MAX_ENTRIES
 }
 
-/// `[[routes]]`: the first route whose conditions all match an event names its destination.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    pub event_type: Option<String>,
-    pub aggregate_type: Option<String>,
-    pub destination: String,
-}
-
-impl RouteConfig {
-    pub fn matches(&self, event: &outbox::OutboxEvent) -> bool {
-        self.event_type
-            .as_deref()
-            .is_none_or(|t| t == event.event_type)
-            && self
-                .aggregate_type
-                .as_deref()
-                .is_none_or(|t| t == event.aggregate_type)
-    }
-}
-
-impl fmt::Display for RouteConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        if let Some(t) = &self.event_type {
-            parts.push(format!("event_type = {t:?}"));
-        }
-        if let Some(t) = &self.aggregate_type {
-            parts.push(format!("aggregate_type = {t:?}"));
-        }
-        write!(f, "{{ {} }} -> {}", parts.join(", "), self.destination)
-    }
-}
-
 /// The whole AWS side of the configuration, validated.
 #[derive(Debug, Clone)]
 pub struct AwsConfig {
+    /// Which world the clients talk to.
     pub profile: Profile,
+    /// `[aws]`.
     pub aws: AwsSection,
+    /// The destinations of AWS kinds, by name.
     pub destinations: BTreeMap<String, DestinationConfig>,
-    pub routes: Vec<RouteConfig>,
 }
 
 /// What the SDK clients need: the profile and the `[aws]` section (for consumers that have no
@@ -405,7 +393,13 @@ impl AwsSettings {
     /// Reads and validates `[aws]` of an [`outbox::Config`].
     pub fn from_config(config: &outbox::Config) -> Result<Self, AwsConfigError> {
         let profile = Profile::parse(&config.profile)?;
-        let aws: AwsSection = section(&config.aws, "aws")?.unwrap_or_default();
+        let aws: AwsSection = config
+            .section("aws")
+            .map_err(|e| AwsConfigError::Section {
+                section: "aws",
+                message: e.to_string(),
+            })?
+            .unwrap_or_default();
         let settings = Self { profile, aws };
         let mut problems = Vec::new();
         settings.validate(&mut problems);
@@ -509,38 +503,60 @@ impl AwsSettings {
 }
 
 impl AwsConfig {
-    /// Reads and validates `[aws]`, `[destinations]` and `[routes]` of an [`outbox::Config`],
-    /// reporting every problem at once. Logs a warning when `events.max_payload_bytes` is above
-    /// what any destination accepts (see [`AwsConfig::payload_limit_warning`]).
+    /// Reads and validates `[aws]` and the destinations of AWS kinds of an [`outbox::Config`],
+    /// reporting every problem at once.
     pub fn from_config(config: &outbox::Config) -> Result<Self, AwsConfigError> {
+        let destinations: Vec<DestinationRef<'_>> = config
+            .destination_refs()
+            .filter(|d| KINDS.contains(&d.kind))
+            .collect();
+        Self::from_destinations(config, &destinations)
+    }
+
+    /// Reads and validates `[aws]` and `destinations` (of AWS kinds), every problem at once.
+    pub fn from_destinations(
+        config: &outbox::Config,
+        destinations: &[DestinationRef<'_>],
+    ) -> Result<Self, AwsConfigError> {
         let profile = Profile::parse(&config.profile)?;
         let mut problems = Vec::new();
-        let aws: Option<AwsSection> = keep(&mut problems, section(&config.aws, "aws"));
-        let destinations: Option<BTreeMap<String, DestinationConfig>> =
-            keep(&mut problems, section(&config.destinations, "destinations"));
-        let routes: Option<Vec<RouteConfig>> =
-            keep(&mut problems, section(&config.routes, "routes"));
-        // A section that did not parse is reported as such, not also as empty.
-        let parsed = problems.is_empty();
+        let aws: Option<AwsSection> = match config.section("aws") {
+            Ok(aws) => aws,
+            Err(e) => {
+                problems.push(AwsConfigError::Section {
+                    section: "aws",
+                    message: e.to_string(),
+                });
+                None
+            }
+        };
+        let mut read = BTreeMap::new();
+        for d in destinations {
+            match DestinationConfig::read(d) {
+                Ok(Some(destination)) => {
+                    read.insert(d.name.to_owned(), destination);
+                }
+                Ok(None) => {}
+                Err(e) => problems.push(AwsConfigError::Section {
+                    section: "destinations",
+                    message: e.to_string(),
+                }),
+            }
+        }
         let settings = AwsSettings {
             profile,
             aws: aws.unwrap_or_default(),
         };
         settings.validate(&mut problems);
-        let aws_config = Self {
-            profile,
-            aws: settings.aws,
-            destinations: destinations.unwrap_or_default(),
-            routes: routes.unwrap_or_default(),
-        };
-        if parsed {
-            aws_config.validate(&mut problems);
+        for (name, destination) in &read {
+            validate_destination(name, destination, &mut problems);
         }
         AwsConfigError::from_problems(problems)?;
-        if let Some(warning) = aws_config.payload_limit_warning(&config.events) {
-            tracing::warn!("{warning}");
-        }
-        Ok(aws_config)
+        Ok(Self {
+            profile,
+            aws: settings.aws,
+            destinations: read,
+        })
     }
 
     /// The largest payload any configured destination can take, in bytes (a payload must also
@@ -552,110 +568,16 @@ impl AwsConfig {
         }
         self.destinations
             .values()
-            .map(|d| match d {
-                DestinationConfig::Sqs(sqs) => sqs.max_message_bytes,
-                DestinationConfig::Eventbridge(eb) => eb.max_entry_bytes,
-            })
+            .map(DestinationConfig::max_payload_bytes)
             .max()
     }
 
-    /// Why `events.max_payload_bytes` lets producers enqueue events no destination can take, if
-    /// it does: such an event would be dead-lettered by the relay. A warning rather than an error,
-    /// because the relay dead-letters such events with the reason and smaller ones flow.
-    pub fn payload_limit_warning(&self, events: &outbox::EventLimits) -> Option<String> {
-        let max = self.max_event_bytes()?;
-        (events.max_payload_bytes > max).then(|| {
-            format!(
-                "events.max_payload_bytes ({}) is above the largest message any configured destination accepts \
-                 ({max} bytes): producers can enqueue events that will be dead-lettered as too large; lower \
-                 events.max_payload_bytes to at most {max} (less the envelope and headers), or configure \
-                 [aws.large_payloads] (S3 claim check)",
-                events.max_payload_bytes
-            )
-        })
-    }
-
+    /// The settings the SDK clients need.
     pub fn settings(&self) -> AwsSettings {
         AwsSettings {
             profile: self.profile,
             aws: self.aws.clone(),
         }
-    }
-
-    /// Adds every problem of `[destinations]` and `[[routes]]` to `problems`.
-    fn validate(&self, problems: &mut Vec<AwsConfigError>) {
-        if self.destinations.is_empty() {
-            problems.push(AwsConfigError::value(
-                "destinations",
-                "no destination is configured",
-                "add one, e.g. [default.destinations.orders] kind = \"sqs\" queue = \"orders\"",
-            ));
-            // Every route would name an unknown destination: that is this one problem.
-            return;
-        }
-        for (name, destination) in &self.destinations {
-            validate_destination(name, destination, problems);
-        }
-        let known = |name: &str| self.destinations.contains_key(name);
-        let names = || {
-            self.destinations
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        if let Some(default) = &self.aws.default_destination {
-            if !known(default) {
-                problems.push(AwsConfigError::value(
-                    "aws.default_destination",
-                    format!("`{default}` is not a configured destination"),
-                    format!("use one of: {}", names()),
-                ));
-            }
-        }
-        for (i, route) in self.routes.iter().enumerate() {
-            let key = format!("routes[{i}]");
-            if route.event_type.is_none() && route.aggregate_type.is_none() {
-                problems.push(AwsConfigError::value(
-                    key.clone(),
-                    format!("route to `{}` has no condition", route.destination),
-                    "give it event_type and/or aggregate_type, or use aws.default_destination for a catch-all",
-                ));
-            }
-            if !known(&route.destination) {
-                problems.push(AwsConfigError::value(
-                    format!("{key}.destination"),
-                    format!("`{}` is not a configured destination", route.destination),
-                    format!("use one of: {}", names()),
-                ));
-            }
-        }
-    }
-
-    /// The destination of an event: its explicit `destination`, else the first matching route,
-    /// else `aws.default_destination`. The error is the reason an event dead-letters with.
-    pub fn route(&self, event: &outbox::OutboxEvent) -> Result<&str, String> {
-        if let Some(explicit) = &event.destination {
-            return match self.destinations.get_key_value(explicit.as_str()) {
-                Some((name, _)) => Ok(name.as_str()),
-                None => Err(format!(
-                    "event names destination `{explicit}`, which is not configured: add [destinations.{explicit}] \
-                     or fix the producer (configured: {})",
-                    self.destinations.keys().cloned().collect::<Vec<_>>().join(", ")
-                )),
-            };
-        }
-        if let Some(route) = self.routes.iter().find(|r| r.matches(event)) {
-            return Ok(route.destination.as_str());
-        }
-        if let Some(default) = &self.aws.default_destination {
-            return Ok(default.as_str());
-        }
-        Err(format!(
-            "no route for event_type `{}` / aggregate_type `{}`: add a [[routes]] entry with \
-             event_type = {:?} or aggregate_type = {:?}, or set aws.default_destination",
-            event.event_type, event.aggregate_type, event.event_type, event.aggregate_type
-        ))
     }
 }
 
@@ -830,64 +752,25 @@ pub(crate) fn render_template(template: &str, event: &outbox::OutboxEvent) -> St
         .replace("{event_type}", &event.event_type)
 }
 
-/// The largest payload, in bytes, that any destination of the configuration can take (`None` with
-/// an S3 claim check: any size), for producers that want to check `events.max_payload_bytes`
-/// against the destinations (`outbox config` and the relay warn when it is above).
-pub fn max_event_bytes(config: &outbox::Config) -> Result<Option<usize>, AwsConfigError> {
-    Ok(AwsConfig::from_config(config)?.max_event_bytes())
-}
-
-/// The value of a section that parsed; a section that did not is added to `problems`.
-fn keep<T>(
-    problems: &mut Vec<AwsConfigError>,
-    result: Result<Option<T>, AwsConfigError>,
-) -> Option<T> {
-    result.unwrap_or_else(|e| {
-        problems.push(e);
-        None
-    })
-}
-
-fn section<T: DeserializeOwned>(
-    value: &Option<figment::value::Value>,
-    name: &'static str,
-) -> Result<Option<T>, AwsConfigError> {
-    let Some(value) = value else { return Ok(None) };
-    value.deserialize::<T>().map(Some).map_err(|e| {
-        // figment names the offending field and the value's source (file or environment).
-        let mut message = String::new();
-        for (i, err) in e.into_iter().enumerate() {
-            if i > 0 {
-                message.push_str("; ");
-            }
-            message.push_str(&err.to_string());
-        }
-        AwsConfigError::Section {
-            section: name,
-            message,
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The configuration as the relay sees it: the core's checks, the registry's (routes, kinds,
+    /// sections) and this crate's.
     fn load(text: &str, profile: &str) -> Result<AwsConfig, String> {
-        let path =
-            std::env::temp_dir().join(format!("outbox-aws-cfg-{}.toml", uuid::Uuid::now_v7()));
-        std::fs::write(&path, text).map_err(|e| e.to_string())?;
-        let config = outbox::Config::load(&outbox::ConfigSource {
-            file: Some(path.clone()),
-            profile: Some(profile.into()),
-            use_env: false,
-        });
-        let _ = std::fs::remove_file(&path);
-        let config = config.map_err(|e| e.to_string())?;
+        let config = outbox::Config::from_toml_str(text, profile).map_err(|e| e.to_string())?;
+        let registry = outbox::Registry::new().with(crate::Aws);
+        registry
+            .problems(&config)
+            .into_result()
+            .map_err(|e| e.to_string())?;
         AwsConfig::from_config(&config).map_err(|e| e.to_string())
     }
 
     const BASE: &str = r#"
+        [default]
+        default_destination = "bus"
         [default.destinations.orders]
         kind = "sqs"
         queue = "orders-events.fifo"
@@ -899,20 +782,10 @@ mod tests {
         aggregate_type = "order"
         destination = "orders"
         [default.aws]
-        default_destination = "bus"
     "#;
 
-    fn event(aggregate_type: &str, event_type: &str) -> outbox::OutboxEvent {
-        serde_json::from_value(serde_json::json!({
-            "id": uuid::Uuid::now_v7(), "seq": 1, "aggregate_type": aggregate_type,
-            "aggregate_id": "1", "event_type": event_type, "payload": {},
-            "created_at": "2026-01-01T00:00:00Z"
-        }))
-        .expect("a valid event")
-    }
-
     #[test]
-    fn parses_destinations_routes_and_defaults() {
+    fn parses_destinations_and_defaults() {
         let config = load(BASE, "local").unwrap();
         let DestinationConfig::Sqs(orders) = &config.destinations["orders"] else {
             panic!("orders is sqs")
@@ -923,32 +796,14 @@ mod tests {
             panic!("bus is eventbridge")
         };
         assert_eq!(bus.source, "outbox.{aggregate_type}");
-        assert_eq!(config.route(&event("order", "OrderPlaced")), Ok("orders"));
-        assert_eq!(config.route(&event("order", "OrderShipped")), Ok("bus"));
-        let mut explicit = event("order", "OrderPlaced");
-        explicit.destination = Some("bus".into());
-        assert_eq!(config.route(&explicit), Ok("bus"));
-        explicit.destination = Some("nowhere".into());
-        assert!(config.route(&explicit).unwrap_err().contains("`nowhere`"));
-    }
-
-    #[test]
-    fn no_route_names_what_is_missing() {
-        let text = BASE.replace("default_destination = \"bus\"", "");
-        let config = load(&text, "local").unwrap();
-        let err = config.route(&event("user", "UserCreated")).unwrap_err();
-        assert!(
-            err.contains("UserCreated") && err.contains("[[routes]]"),
-            "{err}"
-        );
     }
 
     #[test]
     fn errors_name_the_key_and_the_fix() {
         let err = load(&BASE.replace("queue = ", "queu = "), "local").unwrap_err();
         assert!(err.contains("queu"), "{err}");
-        let err = load(&BASE.replace("kind = \"sqs\"", "kind = \"kafka\""), "local").unwrap_err();
-        assert!(err.contains("kafka"), "{err}");
+        let err = load(&BASE.replace("kind = \"sqs\"", "kind = \"kafak\""), "local").unwrap_err();
+        assert!(err.contains("kafak") && err.contains("sqs"), "{err}");
         let err = load(
             &BASE.replace("destination = \"orders\"", "destination = \"ordres\""),
             "local",
@@ -998,6 +853,8 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         let text = r#"
+            [default]
+            default_destination = "nowhere"
             [default.destinations.orders]
             kind = "sqs"
             queue = "bad queue name"
@@ -1009,7 +866,6 @@ mod tests {
             event_type = "OrderPlaced"
             destination = "ordres"
             [default.aws]
-            default_destination = "nowhere"
             endpoint = "http://localhost:4566"
         "#;
         let err = load(text, "prod").unwrap_err();
@@ -1018,56 +874,45 @@ mod tests {
             "destinations.orders.max_entries",
             "destinations.bus.source",
             "routes[0].destination",
-            "aws.default_destination",
+            "default_destination",
             "aws.endpoint",
         ] {
             assert!(err.contains(key), "{key} missing in:\n{err}");
         }
-        assert!(
-            err.starts_with("6 problems in the AWS configuration"),
-            "{err}"
-        );
+        assert!(err.starts_with("6 configuration problems"), "{err}");
     }
 
     #[test]
     fn the_largest_event_is_what_the_largest_destination_takes() {
-        let config = load(BASE, "local").unwrap();
+        let registry = outbox::Registry::new().with(crate::Aws);
+        let config = outbox::Config::from_toml_str(BASE, "local").unwrap();
         assert_eq!(
-            config.max_event_bytes(),
+            registry.max_payload_bytes(&config),
             Some(limits::SQS_MAX_MESSAGE_BYTES)
         );
-        let defaults = outbox::EventLimits::default();
-        assert_eq!(config.payload_limit_warning(&defaults), None);
-        let only_bus = load(
-            &BASE.replace(
-                "kind = \"sqs\"\n        queue = \"orders-events.fifo\"",
-                "kind = \"eventbridge\"",
-            ),
-            "local",
-        )
-        .unwrap();
+        assert_eq!(registry.payload_limit_warning(&config), None);
+        let only_bus = BASE.replace(
+            "kind = \"sqs\"\n        queue = \"orders-events.fifo\"",
+            "kind = \"eventbridge\"",
+        );
+        let config = outbox::Config::from_toml_str(&only_bus, "local").unwrap();
         assert_eq!(
-            only_bus.max_event_bytes(),
+            registry.max_payload_bytes(&config),
             Some(limits::EVENTBRIDGE_MAX_ENTRY_BYTES)
         );
         // The default payload limit fits every built-in destination.
         const { assert!(outbox::event::DEFAULT_MAX_PAYLOAD_BYTES < limits::EVENTBRIDGE_MAX_ENTRY_BYTES) };
-        let big = outbox::EventLimits {
-            max_payload_bytes: 4 << 20,
-            ..defaults
-        };
-        let warning = only_bus.payload_limit_warning(&big).unwrap();
+        let big = format!("{only_bus}\n[default.events]\nmax_payload_bytes = 4194304\n");
+        let config = outbox::Config::from_toml_str(&big, "local").unwrap();
+        let warning = registry.payload_limit_warning(&config).unwrap();
         assert!(
             warning.contains("events.max_payload_bytes (4194304)") && warning.contains("262144"),
             "{warning}"
         );
-        let claim_check = load(
-            &format!("{BASE}\n[default.aws.large_payloads]\nbucket = \"b\"\n"),
-            "local",
-        )
-        .unwrap();
-        assert_eq!(claim_check.max_event_bytes(), None);
-        assert_eq!(claim_check.payload_limit_warning(&big), None);
+        let claim_check = format!("{big}\n[default.aws.large_payloads]\nbucket = \"b\"\n");
+        let config = outbox::Config::from_toml_str(&claim_check, "local").unwrap();
+        assert_eq!(registry.max_payload_bytes(&config), None);
+        assert_eq!(registry.payload_limit_warning(&config), None);
     }
 
     #[test]

@@ -3,17 +3,7 @@
 
 use aws_sdk_sqs::config::http::HttpResponse;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
-
-/// How a whole request failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum RequestFailure {
-    /// Transport, throttling, server side, credentials or a missing destination: not the
-    /// entries' fault; every entry of the request is retryable.
-    Transient(String),
-    /// The request's content was refused (validation). With several entries one of them may be the
-    /// cause, so they are retried one per request to find it; alone, the entry is permanent.
-    Content(String),
-}
+use outbox::publisher::batch::RequestFailure;
 
 /// Error codes that mean "try again later" whatever the HTTP status.
 const TRANSIENT_CODES: &[&str] = &[

@@ -13,12 +13,10 @@ use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use outbox::publisher::envelope_json;
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 
-use crate::batch::{publish_in_waves, Prepared, Sink};
 use crate::claim_check::Offloader;
 use crate::config::{render_template, BodyFormat, EventBridgeDestination, Profile};
-use crate::errors::{
-    classify, is_throttling_code, is_transient_code, service_code, RequestFailure,
-};
+use crate::errors::{classify, is_throttling_code, is_transient_code, service_code};
+use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
 
 /// What EventBridge counts for `Time` in an entry's size.
 const TIME_BYTES: usize = 14;
@@ -170,6 +168,25 @@ impl Publisher for EventBridgePublisher {
     }
 
     async fn check(&self) -> Result<(), PublishError> {
+        let destination = self.check_destination().await;
+        let bucket = match &self.offloader {
+            Some(offloader) => offloader.check(self.profile).await,
+            None => Ok(()),
+        };
+        match (destination, bucket) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) => Err(e),
+            (Ok(()), Err(bucket)) => Err(PublishError::permanent(bucket)),
+            (Err(e), Err(bucket)) => {
+                Err(PublishError::permanent(format!("{}; {bucket}", e.reason())))
+            }
+        }
+    }
+}
+
+impl EventBridgePublisher {
+    /// Checks that the queue or bus exists; the error names it and gives the fix.
+    async fn check_destination(&self) -> Result<(), PublishError> {
         let bus = &self.config.bus;
         let error = match self.client.describe_event_bus().name(bus).send().await {
             Ok(_) => return Ok(()),

@@ -22,12 +22,10 @@ use outbox::publisher::envelope_json;
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use tokio::sync::OnceCell;
 
-use crate::batch::{publish_in_waves, Prepared, Sink};
 use crate::claim_check::{Offloader, CLAIM_CHECK_ATTRIBUTE};
 use crate::config::{BodyFormat, Profile, SqsDestination};
-use crate::errors::{
-    classify, is_throttling_code, is_transient_code, service_code, RequestFailure,
-};
+use crate::errors::{classify, is_throttling_code, is_transient_code, service_code};
+use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
 
 pub const ATTR_EVENT_ID: &str = "outbox-event-id";
 pub const ATTR_EVENT_TYPE: &str = "outbox-event-type";
@@ -40,7 +38,7 @@ const MAX_GROUP_ID: usize = 128;
 
 /// One message before it gets its per-request id.
 #[derive(Debug, Clone)]
-pub(crate) struct SqsEntry {
+pub struct SqsEntry {
     body: String,
     attributes: HashMap<String, MessageAttributeValue>,
     group_id: Option<String>,
@@ -255,6 +253,25 @@ impl Publisher for SqsPublisher {
     }
 
     async fn check(&self) -> Result<(), PublishError> {
+        let destination = self.check_destination().await;
+        let bucket = match &self.offloader {
+            Some(offloader) => offloader.check(self.profile).await,
+            None => Ok(()),
+        };
+        match (destination, bucket) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) => Err(e),
+            (Ok(()), Err(bucket)) => Err(PublishError::permanent(bucket)),
+            (Err(e), Err(bucket)) => {
+                Err(PublishError::permanent(format!("{}; {bucket}", e.reason())))
+            }
+        }
+    }
+}
+
+impl SqsPublisher {
+    /// Checks that the queue or bus exists; the error names it and gives the fix.
+    async fn check_destination(&self) -> Result<(), PublishError> {
         let queue = self.config.queue_name();
         let problem = if self.config.is_url() {
             match self

@@ -25,7 +25,8 @@ async fn a_rule_on_a_custom_bus_delivers_matched_events_to_a_queue_and_only_thos
         &format!(
             r#"
 [local]
-publisher = "aws"
+publisher = "destinations"
+default_destination = "events"
 [local.destinations.events]
 kind = "eventbridge"
 bus = "{bus}"
@@ -36,7 +37,6 @@ queue = "{audit}"
 aggregate_type = "user"
 destination = "audit"
 {aws}
-default_destination = "events"
 [local.aws.bootstrap]
 [[local.aws.bootstrap.rules]]
 name = "{target}-rule"
@@ -168,14 +168,14 @@ async fn envelope_detail_carries_the_event_id_and_headers() {
         &format!(
             r#"
 [local]
-publisher = "aws"
+publisher = "destinations"
+default_destination = "events"
 [local.destinations.events]
 kind = "eventbridge"
 bus = "{bus}"
 source = "shop.{{aggregate_type}}"
 detail = "envelope"
 {aws}
-default_destination = "events"
 [[local.aws.bootstrap.rules]]
 name = "{target}-rule"
 bus = "{bus}"

@@ -60,7 +60,7 @@ async fn relay_rides_out_an_emulator_outage_without_losing_events() {
     let queue = format!("{}.fifo", unique("outage"));
     let config = load_config(
         &format!(
-            "[local]\npublisher = \"aws\"\n[local.destinations.q]\nkind = \"sqs\"\nqueue = \"{queue}\"\n{}\ndefault_destination = \"q\"\n",
+            "[local]\npublisher = \"destinations\"\ndefault_destination = \"q\"\n[local.destinations.q]\nkind = \"sqs\"\nqueue = \"{queue}\"\n{}\n",
             local_aws_section()
         ),
         "local",

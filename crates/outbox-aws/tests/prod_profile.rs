@@ -53,15 +53,14 @@ async fn prod_profile_fails_its_check_for_a_missing_queue_and_never_bootstraps()
     let toml = format!(
         r#"
 [prod]
-publisher = "aws"
+publisher = "destinations"
+default_destination = "orders"
 [prod.destinations.orders]
 kind = "sqs"
 queue = "{missing}"
 [prod.destinations.bus]
 kind = "eventbridge"
 bus = "{bus}"
-[prod.aws]
-default_destination = "orders"
 "#
     );
     let config = load_config(&toml, "prod");

@@ -21,7 +21,7 @@ fn sqs_config(queue: &str, extra: &str) -> outbox::Config {
         &format!(
             r#"
 [local]
-publisher = "aws"
+publisher = "destinations"
 [local.destinations.orders]
 kind = "sqs"
 queue = "{queue}"
@@ -333,7 +333,10 @@ async fn oversized_payload_goes_to_s3_as_a_claim_check_that_the_helper_resolves(
     )
     .await;
     let publisher = publisher_from_config(&config).await.expect("publisher");
-    let s3 = publisher.clients().s3.clone();
+    let s3 = outbox_aws::AwsClients::new(&settings(&config).await)
+        .await
+        .expect("clients")
+        .s3;
     assert_eq!(
         relay(&db, publisher)
             .await

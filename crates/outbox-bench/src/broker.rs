@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use futures_util::future::join_all;
 use outbox::{PgStore, PgStoreOptions, Publisher, Relay, RelayOptions};
-use outbox_aws::RoutingPublisher;
 
 use crate::db::BenchDb;
 use crate::report::{fmt_num, Report, Table};
@@ -52,27 +51,20 @@ pub async fn run(db: &BenchDb, cfg: &BrokerConfig, report: &mut Report) -> anyho
     let toml = format!(
         r#"
 [local]
-publisher = "aws"
+default_destination = "bench"
 [local.destinations.bench]
 kind = "sqs"
 queue = "{queue}"
 [local.aws]
 endpoint = "{endpoint}"
-default_destination = "bench"
 "#,
         endpoint = cfg.endpoint
     );
-    let path = std::env::temp_dir().join(format!("outbox-bench-{}.toml", std::process::id()));
-    std::fs::write(&path, toml)?;
-    let config = outbox::Config::load(&outbox::ConfigSource {
-        file: Some(path.clone()),
-        profile: Some("local".to_owned()),
-        use_env: false,
-    });
-    let _ = std::fs::remove_file(&path);
-    let config = config?;
-    let publisher = RoutingPublisher::from_config(&config).await?;
-    let sqs = publisher.clients().sqs.clone();
+    let config = outbox::Config::from_toml_str(&toml, "local")?;
+    let publisher = outbox_aws::publisher_from_config(&config).await?;
+    let sqs = outbox_aws::AwsClients::new(&outbox_aws::AwsSettings::from_config(&config)?)
+        .await?
+        .sqs;
     let url = sqs
         .create_queue()
         .queue_name(&queue)

@@ -1,19 +1,29 @@
-//! `outbox config`: validates the whole configuration as the relay would (with the `aws` feature,
-//! the `[aws]`, `[destinations]` and `[[routes]]` sections too), reports every problem at once
-//! (exit 2), and prints the resolved configuration: secrets redacted, AWS defaults filled in.
+//! `outbox config`: validates the whole configuration as the relay would (the sections and
+//! destinations of every publisher kind this build links too), reports every problem at once
+//! (exit 2), and prints the resolved configuration: secrets redacted, defaults filled in.
 
 use std::io::Write;
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
-use outbox::config::{Config, ConfigSource};
+use outbox::config::{Config, ConfigSource, PublisherSpec};
 
 use crate::UsageError;
 
 pub fn run(source: &ConfigSource) -> Result<()> {
     let (config, problems) =
         Config::load_with_problems(source).map_err(|e| UsageError(e.into()))?;
+    let registry = crate::registry();
     let mut problems: Vec<String> = problems.into_vec().iter().map(|p| p.to_string()).collect();
-    let resolved = aws::resolve(&config, &mut problems);
+    problems.extend(
+        registry
+            .problems(&config)
+            .into_vec()
+            .iter()
+            .map(|p| p.to_string()),
+    );
+    let aws = aws::resolve(&config, &mut problems);
     if !problems.is_empty() {
         let count = match problems.len() {
             1 => "1 configuration problem".to_owned(),
@@ -23,14 +33,23 @@ pub fn run(source: &ConfigSource) -> Result<()> {
             UsageError(anyhow::anyhow!("{count}:\n  - {}", problems.join("\n  - "))).into(),
         );
     }
-    // The resolved AWS sections replace the raw ones; the rest keeps the order of the file.
+    if let Some(warning) = registry.payload_limit_warning(&config) {
+        tracing::warn!("{warning}");
+    }
+    // Destinations as their kinds resolve them (defaults filled in); the rest keeps the order of
+    // the file. The `[aws]` section is shown resolved (region, endpoints) when it applies.
     let mut shown = config.clone();
-    if resolved.is_some() {
-        (shown.aws, shown.destinations, shown.routes) = (None, None, None);
+    let destinations = registry.describe(&config);
+    shown.destinations.clear();
+    if aws.is_some() {
+        shown.sections.remove("aws");
     }
     let text = serde_json::to_string_pretty(&Rendered {
         config: &shown,
-        aws: resolved,
+        destinations: (!destinations.is_empty()).then_some(destinations),
+        max_event_bytes: (config.publisher == PublisherSpec::Destinations)
+            .then(|| registry.max_payload_bytes(&config)),
+        aws,
     })
     .context("rendering the configuration")?;
     write_stdout(&format!("{text}\n"))?;
@@ -42,7 +61,12 @@ pub fn run(source: &ConfigSource) -> Result<()> {
 struct Rendered<'a> {
     #[serde(flatten)]
     config: &'a Config,
-    #[serde(flatten)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destinations: Option<BTreeMap<String, serde_json::Value>>,
+    /// The largest payload any destination takes; null when one takes any size (a claim check).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_event_bytes: Option<Option<usize>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     aws: Option<aws::Resolved>,
 }
 
@@ -59,79 +83,47 @@ pub fn write_stdout(text: &str) -> Result<()> {
 mod aws {
     use std::collections::BTreeMap;
 
-    use outbox::config::{Config, PublisherSpec};
+    use outbox::config::Config;
     use outbox_aws::config::{
-        AwsSection, BootstrapSection, DestinationConfig, LargePayloads, Profile, RouteConfig,
-        LOCAL_DEFAULT_REGION,
+        AwsSection, BootstrapSection, LargePayloads, Profile, KINDS, LOCAL_DEFAULT_REGION,
     };
     use outbox_aws::sdk::{endpoint_override, Service};
-    use outbox_aws::{AwsConfig, AwsConfigError, AwsSettings};
+    use outbox_aws::AwsSettings;
     use serde::Serialize;
 
-    /// The AWS sections as the relay will use them, defaults filled in.
+    /// `[aws]` as the clients will use it: region and endpoints resolved.
     #[derive(Serialize)]
     pub struct Resolved {
-        aws: SettingsView,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        destinations: Option<BTreeMap<String, DestinationConfig>>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        routes: Option<Vec<RouteConfig>>,
-        /// The largest payload a destination takes; null with an S3 claim check (any size).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        max_event_bytes: Option<Option<usize>>,
-    }
-
-    #[derive(Serialize)]
-    struct SettingsView {
         profile: Profile,
         region: String,
         endpoints: BTreeMap<&'static str, String>,
-        default_destination: Option<String>,
         large_payloads: Option<LargePayloads>,
         bootstrap: BootstrapSection,
     }
 
-    /// Validates the AWS sections the relay would read, adding their problems to `problems`;
-    /// their resolved form when they are valid.
+    /// `[aws]` resolved, when the configuration has it or an AWS destination; its problems are
+    /// added to `problems`.
     pub fn resolve(config: &Config, problems: &mut Vec<String>) -> Option<Resolved> {
-        let mut add = |e: AwsConfigError| {
-            problems.extend(e.problems().iter().map(|p| p.to_string()));
-            None
-        };
-        // The relay reads destinations and routes for `publisher = "aws"`; sections that are
-        // present are checked too, so a mistake surfaces before someone switches to them.
-        if config.publisher == PublisherSpec::Aws
-            || config.destinations.is_some()
-            || config.routes.is_some()
-        {
-            match AwsConfig::from_config(config) {
-                Ok(aws) => Some(Resolved {
-                    aws: settings_view(&aws.settings()),
-                    max_event_bytes: Some(aws.max_event_bytes()),
-                    destinations: Some(aws.destinations),
-                    routes: Some(aws.routes),
-                }),
-                Err(e) => add(e),
+        let uses_aws = config.sections.contains_key("aws")
+            || config
+                .destinations
+                .values()
+                .any(|d| KINDS.contains(&d.kind.as_str()));
+        if !uses_aws {
+            return None;
+        }
+        match AwsSettings::from_config(config) {
+            Ok(settings) => Some(view(&settings)),
+            Err(e) => {
+                problems.extend(e.problems().iter().map(|p| p.to_string()));
+                None
             }
-        } else if config.aws.is_some() {
-            match AwsSettings::from_config(config) {
-                Ok(settings) => Some(Resolved {
-                    aws: settings_view(&settings),
-                    destinations: None,
-                    routes: None,
-                    max_event_bytes: None,
-                }),
-                Err(e) => add(e),
-            }
-        } else {
-            None
         }
     }
 
-    fn settings_view(settings: &AwsSettings) -> SettingsView {
+    fn view(settings: &AwsSettings) -> Resolved {
         let AwsSection {
             region,
-            default_destination,
             large_payloads,
             bootstrap,
             ..
@@ -157,11 +149,10 @@ mod aws {
             (name, endpoint)
         })
         .collect();
-        SettingsView {
+        Resolved {
             profile: settings.profile,
             region,
             endpoints,
-            default_destination,
             large_payloads,
             bootstrap,
         }
@@ -170,19 +161,13 @@ mod aws {
 
 #[cfg(not(feature = "aws"))]
 mod aws {
-    use outbox::config::{Config, PublisherSpec};
+    use outbox::config::Config;
 
     /// Without the `aws` feature there is nothing to resolve.
     #[derive(serde::Serialize)]
     pub struct Resolved {}
 
-    pub fn resolve(config: &Config, problems: &mut Vec<String>) -> Option<Resolved> {
-        if config.publisher == PublisherSpec::Aws {
-            problems.push(
-                "publisher `aws` needs the `aws` feature: rebuild with `cargo build -p outbox-cli --features aws`"
-                    .to_owned(),
-            );
-        }
+    pub fn resolve(_config: &Config, _problems: &mut [String]) -> Option<Resolved> {
         None
     }
 }

@@ -65,7 +65,7 @@ enum Command {
     /// drained); 1 failed, or with --drain left events retrying or dead (or was interrupted with
     /// events pending); 2 bad configuration or usage.
     Relay {
-        /// stdout, file:PATH, null or aws [default: the configured publisher]
+        /// stdout, file:PATH, null or destinations [default: the configured publisher]
         #[arg(long)]
         publisher: Option<PublisherSpec>,
         /// Publish until no deliverable event is left, then exit: 0 when nothing is left retrying
@@ -175,8 +175,16 @@ fn config_source(cli: &Cli) -> ConfigSource {
     source
 }
 
+/// Loads the configuration and validates all of it, the linked publisher kinds' sections too,
+/// reporting every problem at once.
 fn load_config(cli: &Cli) -> Result<Config> {
-    Config::load(&config_source(cli)).map_err(|e| UsageError(e.into()).into())
+    let (config, mut problems) =
+        Config::load_with_problems(&config_source(cli)).map_err(|e| UsageError(e.into()))?;
+    for problem in registry().problems(&config).into_vec() {
+        problems.push(problem);
+    }
+    problems.into_result().map_err(|e| UsageError(e.into()))?;
+    Ok(config)
 }
 
 pub(crate) async fn connect(config: &Config, name: &str) -> Result<sqlx::PgPool> {
@@ -201,10 +209,12 @@ async fn run(cli: Cli) -> Result<()> {
             drain,
             summary_interval,
         } => {
-            let spec = publisher.unwrap_or_else(|| config.publisher.clone());
+            let mut config = config;
+            if let Some(publisher) = publisher {
+                config.publisher = publisher;
+            }
             relay_cmd::RelayCommand {
                 config: &config,
-                spec: &spec,
                 drain,
                 summary_every: summary_interval,
                 log_format: LOG_FORMAT.get().copied().unwrap_or_default(),
@@ -271,31 +281,21 @@ async fn migrate(config: &Config, print: bool, from: Option<i32>) -> Result<()> 
     Ok(())
 }
 
-pub(crate) async fn build_publisher(
-    config: &Config,
-    spec: &PublisherSpec,
-) -> Result<Box<dyn Publisher>> {
-    if let Some(publisher) = outbox::publisher::builtin(spec)
-        .await
-        .map_err(|e| UsageError(anyhow::anyhow!("{}", e.reason())))?
-    {
-        return Ok(publisher);
-    }
+/// The publisher kinds this build links: the only place that names them. Every command builds
+/// and validates publishers through it.
+pub(crate) fn registry() -> outbox::Registry {
+    let registry = outbox::Registry::new();
     #[cfg(feature = "aws")]
-    {
-        let publisher = outbox_aws::publisher_from_config(config)
-            .await
-            .map_err(|e| UsageError(e.into()))?;
-        Ok(Box::new(publisher))
-    }
-    #[cfg(not(feature = "aws"))]
-    {
-        let _ = config;
-        Err(UsageError(anyhow::anyhow!(
-            "publisher `aws` needs the `aws` feature: rebuild with `cargo build -p outbox-cli --features aws`"
-        ))
-        .into())
-    }
+    let registry = registry.with(outbox_aws::Aws);
+    registry
+}
+
+/// Builds the configured publisher; configuration mistakes are usage errors (exit 2).
+pub(crate) async fn build_publisher(config: &Config) -> Result<Box<dyn Publisher>> {
+    registry().build(config).await.map_err(|e| match e {
+        outbox::BuildError::Config(e) => UsageError(e.into()).into(),
+        e => UsageError(e.into()).into(),
+    })
 }
 
 async fn status(config: &Config, json: bool) -> Result<()> {

@@ -22,7 +22,6 @@ pub struct NotDrained(String);
 /// How `outbox relay` runs.
 pub struct RelayCommand<'a> {
     pub config: &'a Config,
-    pub spec: &'a PublisherSpec,
     pub drain: bool,
     /// How often to log the summary line while running; zero turns it off.
     pub summary_every: Duration,
@@ -32,7 +31,7 @@ pub struct RelayCommand<'a> {
 impl RelayCommand<'_> {
     pub async fn run(self) -> Result<()> {
         let config = self.config;
-        let publisher = crate::build_publisher(config, self.spec).await?;
+        let publisher = crate::build_publisher(config).await?;
         let pool = crate::connect(config, "outbox-relay").await?;
         let relay = outbox::relay_from_config(config, pool.clone(), publisher)
             .await
@@ -42,8 +41,8 @@ impl RelayCommand<'_> {
             profile = %config.profile,
             schema = %config.schema,
             database = %config.database.url.redacted(),
-            publisher = %self.spec,
-            destinations = %destinations(config, self.spec),
+            publisher = %config.publisher,
+            destinations = %destinations(config),
             workers = config.relay.workers,
             batch_size = config.relay.batch_size,
             "outbox relay starting"
@@ -124,16 +123,16 @@ fn left_text(s: &Status) -> String {
     )
 }
 
-/// Where the events go, for the start line: the configured AWS destinations, or the built-in
-/// publisher's output.
-fn destinations(config: &Config, spec: &PublisherSpec) -> String {
-    match spec {
-        PublisherSpec::Aws => config
+/// Where the events go, for the start line: the configured destinations (`name:kind`), or the
+/// built-in publisher's output.
+fn destinations(config: &Config) -> String {
+    match &config.publisher {
+        PublisherSpec::Destinations => config
             .destinations
-            .as_ref()
-            .and_then(|d| d.as_dict())
-            .map(|d| d.keys().cloned().collect::<Vec<_>>().join(","))
-            .unwrap_or_default(),
+            .iter()
+            .map(|(name, d)| format!("{name}:{}", d.kind))
+            .collect::<Vec<_>>()
+            .join(","),
         PublisherSpec::Stdout => "standard output".to_owned(),
         PublisherSpec::File(path) => path.display().to_string(),
         PublisherSpec::Null => "none (events are counted and discarded)".to_owned(),

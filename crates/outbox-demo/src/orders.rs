@@ -404,13 +404,7 @@ impl Service {
     }
 }
 
-/// The configured publisher: `aws` through outbox-aws, the others built in.
+/// The configured publisher, with the kinds the demo links (built-in and AWS).
 pub async fn build_publisher(config: &Config) -> anyhow::Result<Box<dyn outbox::Publisher>> {
-    if let Some(publisher) = outbox::publisher::builtin(&config.publisher)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.reason()))?
-    {
-        return Ok(publisher);
-    }
-    Ok(Box::new(outbox_aws::publisher_from_config(config).await?))
+    Ok(outbox_aws::publisher_from_config(config).await?)
 }

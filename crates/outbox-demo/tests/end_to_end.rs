@@ -40,6 +40,7 @@ fn demo_config() -> outbox::Config {
         file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/outbox.toml").into()),
         profile: Some("local".into()),
         use_env: false,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -66,7 +67,7 @@ impl World {
         let toml = format!(
             r#"
             [default]
-            publisher = "aws"
+            publisher = "destinations"
             [default.database]
             url = "{url}"
             [default.events]
@@ -102,6 +103,7 @@ impl World {
             file: Some(config_path.clone()),
             profile: Some("local".into()),
             use_env: false,
+            ..Default::default()
         })
         .unwrap();
         // The table carries the configured payload limit, as `outbox migrate` would set it.

@@ -40,9 +40,12 @@ fn configuration_mistakes_name_the_key_and_the_fix_and_exit_2() {
         ("batch size 0", "[default.relay]\nbatch_size = 0\n", &["relay"], &["relay.batch_size", "use 1 to 10000"]),
         ("schema not an identifier", "[default]\nschema = \"app-outbox\"\n", &["relay"], &["default.schema", "not a plain identifier", "use letters, digits and `_`"]),
         ("publish timeout over the claim bound", "[default.relay]\npublish_timeout = \"60s\"\n", &["relay"], &["relay.transaction_timeout", "raise relay.transaction_timeout"]),
-        ("unknown publisher", "[default]\npublisher = \"kafka\"\n", &["relay"], &["use stdout, file:PATH, null or aws"]),
-        ("missing AWS destinations", "[default]\npublisher = \"aws\"\n", &["relay"], &["`destinations`", "add one, e.g. [default.destinations.orders]"]),
-        ("route to an unknown destination", "[default]\npublisher = \"aws\"\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\n[[default.routes]]\nevent_type = \"X\"\ndestination = \"nope\"\n", &["relay"], &["routes[0].destination", "nope"]),
+        ("unknown publisher", "[default]\npublisher = \"kafka\"\n", &["relay"], &["use stdout, file:PATH, null or destinations"]),
+        ("unknown destination kind", "[default.destinations.q]\nkind = \"carrier-pigeon\"\n", &["relay"], &["destinations.q.kind", "carrier-pigeon", "use one of: eventbridge, file, null, sqs, stdout"]),
+        ("misspelt publisher section", "[default.awss]\nregion = \"eu-west-1\"\n", &["relay"], &["`awss`", "unknown key or section", "aws"]),
+        ("destination without its required key", "[default.destinations.audit]\nkind = \"file\"\n", &["relay"], &["[destinations.audit]", "path"]),
+        ("missing AWS destinations", "[default]\npublisher = \"destinations\"\n", &["relay"], &["`destinations`", "add one, e.g. [default.destinations.orders]"]),
+        ("route to an unknown destination", "[default]\npublisher = \"destinations\"\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\n[[default.routes]]\nevent_type = \"X\"\ndestination = \"nope\"\n", &["relay"], &["routes[0].destination", "nope"]),
     ];
     for (what, toml, args, needles) in cases {
         let out = cli(&dir, toml, args, &[("DATABASE_URL", db)]);
@@ -122,7 +125,7 @@ fn configuration_mistakes_name_the_key_and_the_fix_and_exit_2() {
 #[test]
 fn config_reports_every_problem_at_once_including_the_aws_sections() {
     let dir = scratch("config-all");
-    let toml = "[default]\npublisher = \"aws\"\n[default.relay]\nworkers = 0\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\nmax_entries = 11\n[[default.routes]]\nevent_type = \"X\"\ndestination = \"nope\"\n";
+    let toml = "[default]\npublisher = \"destinations\"\n[default.relay]\nworkers = 0\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\nmax_entries = 11\n[[default.routes]]\nevent_type = \"X\"\ndestination = \"nope\"\n";
     let out = cli(
         &dir,
         toml,
@@ -146,7 +149,7 @@ fn config_reports_every_problem_at_once_including_the_aws_sections() {
     );
     assert!(out.stdout.is_empty(), "nothing printed as valid");
     // Valid: the resolved AWS settings with their defaults, and the largest deliverable event.
-    let toml = "[default]\npublisher = \"aws\"\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\n[default.aws]\ndefault_destination = \"q\"\n";
+    let toml = "[default]\npublisher = \"destinations\"\ndefault_destination = \"q\"\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\n";
     let out = cli(&dir, toml, &["config"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -217,8 +220,8 @@ async fn a_bad_relay_configuration_claims_nothing() {
     tx.commit().await.unwrap();
     let dir = scratch("claims-nothing");
     for toml in [
-        "[default]\npublisher = \"aws\"\n",
-        "[default]\npublisher = \"aws\"\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\n[default.aws]\ndefault_destination = \"missing\"\n",
+        "[default]\npublisher = \"destinations\"\n",
+        "[default]\npublisher = \"destinations\"\ndefault_destination = \"missing\"\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\n",
     ] {
         let out = cli(&dir, toml, &["relay"], &[("DATABASE_URL", &db.url)]);
         assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));

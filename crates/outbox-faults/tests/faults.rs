@@ -213,11 +213,18 @@ async fn s2_four_relays_with_stalls_longer_than_the_claim_bound() {
     db.drop_db().await.unwrap();
 }
 
+/// A configuration with the SQS destination `q` (`extra` goes into its table); the default
+/// destination is `q` unless `extra` has routes.
 fn aws_config(dir: &Path, endpoint: &str, queue: &str, extra: &str) -> std::path::PathBuf {
+    let default = if extra.contains("routes") {
+        ""
+    } else {
+        "default_destination = \"q\"\n"
+    };
     write_config(
         dir,
         &format!(
-            "[default]\npublisher = \"aws\"\n\
+            "[default]\npublisher = \"destinations\"\n{default}\
              [default.destinations.q]\nkind = \"sqs\"\nqueue = \"{queue}\"\n{extra}\n\
              [local.aws]\nendpoint = \"{endpoint}\"\n"
         ),
@@ -279,12 +286,7 @@ async fn s3_broker_stopped_and_restarted() {
     // The relay reaches the broker through a proxy, so "down" is seen at once (connections
     // refused) while the checker drains what the broker already accepted before it dies.
     let proxy = Proxy::start(moto.addr()).await.unwrap();
-    let config = aws_config(
-        &dir,
-        &format!("http://{}", proxy.addr),
-        queue,
-        "[default.aws]\ndefault_destination = \"q\"",
-    );
+    let config = aws_config(&dir, &format!("http://{}", proxy.addr), queue, "");
     let env = sqs_env(&db.url, &config);
     let collector = sqs::Collector::start(client.clone(), url.clone());
     let mut relay = Proc::spawn(&outbox_cli(), &["relay"], &env, &dir.join("relay.log"));
@@ -607,12 +609,7 @@ async fn s7b_network_faults_to_the_broker() {
     let queue = "faults-s7.fifo";
     let url = sqs::fifo_queue(&client, queue, 30).await.unwrap();
     let proxy = Proxy::start(moto.addr()).await.unwrap();
-    let config = aws_config(
-        &dir,
-        &format!("http://{}", proxy.addr),
-        queue,
-        "[default.aws]\ndefault_destination = \"q\"",
-    );
+    let config = aws_config(&dir, &format!("http://{}", proxy.addr), queue, "");
     let env = sqs_env(&db.url, &config);
     let collector = sqs::Collector::start(client.clone(), url.clone());
     let mut relay = Proc::spawn(&outbox_cli(), &["relay"], &env, &dir.join("relay.log"));
@@ -662,12 +659,7 @@ async fn s8_consumer_crashes_after_handling_before_ack() {
     let client = sqs::client(&moto.endpoint()).await;
     let queue = "faults-s8.fifo";
     let url = sqs::fifo_queue(&client, queue, 1).await.unwrap();
-    let config = aws_config(
-        &dir,
-        &moto.endpoint(),
-        queue,
-        "[default.aws]\ndefault_destination = \"q\"",
-    );
+    let config = aws_config(&dir, &moto.endpoint(), queue, "");
     let env = sqs_env(&db.url, &config);
     let relay = Proc::spawn(&outbox_cli(), &["relay"], &env, &dir.join("relay.log"));
     let total = pick(300, 1000);

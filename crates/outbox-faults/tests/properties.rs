@@ -16,6 +16,7 @@ fn load(toml: &str) -> Result<Config, outbox::ConfigError> {
         file: Some(path.clone()),
         profile: Some("local".into()),
         use_env: false,
+        ..Default::default()
     });
     let _ = std::fs::remove_file(path);
     r

@@ -189,6 +189,7 @@ async fn secrets_never_reach_stderr_stdout_or_debug_output() {
             file: Some(dir.join("outbox.toml")),
             profile: None,
             use_env: false,
+            ..Default::default()
         })
         .unwrap();
         let mut config = config;
@@ -201,7 +202,7 @@ async fn secrets_never_reach_stderr_stdout_or_debug_output() {
     // (nothing listens on the loopback endpoint) must not print the secret key, even at trace.
     let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY1";
     let db = TestDb::new().await.unwrap(); // migrated, so the relay gets as far as the AWS check
-    let toml = "[default]\npublisher = \"aws\"\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\n[default.aws]\ndefault_destination = \"q\"\nregion = \"us-east-1\"\n";
+    let toml = "[default]\npublisher = \"destinations\"\ndefault_destination = \"q\"\n[default.destinations.q]\nkind = \"sqs\"\nqueue = \"q\"\n[default.aws]\nregion = \"us-east-1\"\n";
     let out = cli(
         &dir,
         toml,

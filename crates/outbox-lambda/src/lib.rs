@@ -29,8 +29,8 @@ pub enum LambdaError {
     Config(#[from] outbox::ConfigError),
     #[error(transparent)]
     Connect(#[from] outbox::ConfigOrConnectError),
-    #[error("AWS configuration: {0}")]
-    Aws(#[from] outbox_aws::AwsConfigError),
+    #[error("publisher configuration: {0}")]
+    Build(#[from] outbox::BuildError),
     #[error("publisher: {0}")]
     Publisher(String),
     #[error("relay setup: {0}")]
@@ -63,6 +63,11 @@ pub fn load_config() -> Result<Config, LambdaError> {
     Ok(Config::load(&ConfigSource::from_env())?)
 }
 
+/// The publisher kinds the Lambda links: the built-in ones and AWS.
+pub fn registry() -> outbox::Registry {
+    outbox::Registry::new().with(outbox_aws::Aws)
+}
+
 /// The relay of one Lambda execution environment: reused across warm invocations.
 pub struct LambdaRelay {
     relay: Relay<PgStore, Box<dyn Publisher>>,
@@ -71,16 +76,10 @@ pub struct LambdaRelay {
 }
 
 impl LambdaRelay {
-    /// Connects, builds the configured publisher (normally `aws`), checks that its destinations
-    /// exist and that the schema is migrated.
+    /// Connects, builds the configured publisher (normally AWS destinations), checks that its
+    /// destinations exist and that the schema is migrated.
     pub async fn from_config(config: &Config) -> Result<Self, LambdaError> {
-        let publisher: Box<dyn Publisher> = match outbox::publisher::builtin(&config.publisher)
-            .await
-            .map_err(|e| LambdaError::Publisher(e.reason().to_owned()))?
-        {
-            Some(builtin) => builtin,
-            None => Box::new(outbox_aws::publisher_from_config(config).await?),
-        };
+        let publisher = registry().build(config).await?;
         publisher
             .check()
             .await

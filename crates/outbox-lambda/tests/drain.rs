@@ -17,7 +17,7 @@ fn config(db: &TestDb, queue: &str) -> outbox::Config {
     let toml = format!(
         r#"
         [default]
-        publisher = "aws"
+        publisher = "destinations"
         [default.database]
         url = "{url}"
         [default.relay]
@@ -34,16 +34,7 @@ fn config(db: &TestDb, queue: &str) -> outbox::Config {
         url = db.url,
         endpoint = endpoint()
     );
-    let path =
-        std::env::temp_dir().join(format!("outbox-lambda-test-{}.toml", uuid::Uuid::now_v7()));
-    std::fs::write(&path, toml).unwrap();
-    let config = outbox::Config::load(&outbox::ConfigSource {
-        file: Some(path.clone()),
-        profile: Some("local".into()),
-        use_env: false,
-    });
-    let _ = std::fs::remove_file(&path);
-    config.unwrap()
+    outbox::Config::from_toml_str(&toml, "local").unwrap()
 }
 
 async fn receive_all(sqs: &aws_sdk_sqs::Client, url: &str, expected: usize) -> Vec<String> {

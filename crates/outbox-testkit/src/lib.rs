@@ -4,6 +4,9 @@
 //!   `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`), migrated, dropped
 //!   when the test ends.
 //! - [`order_violations`]: checks that a sequence of published events keeps per-key order.
+//! - [`conformance`]: the suite every publisher kind runs against its real broker.
+
+pub mod conformance;
 
 use std::collections::HashMap;
 

@@ -19,10 +19,9 @@ async fn main() -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
 
-    // The relay as a background task (the `@Scheduled` poller of the Spring world).
-    let publisher = outbox::publisher::builtin(&config.publisher)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("this example uses a built-in publisher"))?;
+    // The relay as a background task (the `@Scheduled` poller of the Spring world). The registry
+    // holds the publisher kinds you link: built-in stdout/file/null, + .with(outbox_aws::Aws), ...
+    let publisher = outbox::Registry::new().build(&config).await?;
     // None when relay.enabled = false (a standalone `outbox relay` publishes instead).
     let relay = outbox::start_relay_from_config(&config, pool.clone(), publisher).await?;
 

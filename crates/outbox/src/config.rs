@@ -8,8 +8,10 @@
 //! `OUTBOX_*` variable must name one. Everything is validated at start-up; an error names the key
 //! and the fix.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
@@ -19,6 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{EventLimits, MAX_PAYLOAD_BYTES_CEILING};
 use crate::postgres::{DeadLetterPolicy, PgStoreOptions, Schema};
+use crate::publisher::registry::DestinationSpec;
+use crate::publisher::RouteConfig;
 use crate::relay::{Backoff, RelayOptions};
 
 /// The profiles a configuration file may have sections for.
@@ -47,9 +51,9 @@ pub enum ConfigError {
     Invalid(String),
     #[error("invalid value for `{key}`{}: {problem}; {fix}", origin_suffix(.origin))]
     Value {
-        key: &'static str,
+        key: Cow<'static, str>,
         problem: String,
-        fix: &'static str,
+        fix: Cow<'static, str>,
         /// Where the value came from when it was set (`OUTBOX_RELAY__BATCH_SIZE`, a file).
         origin: Option<String>,
     },
@@ -69,9 +73,9 @@ impl ConfigError {
     /// A connection string that does not parse; `reason` never contains the password.
     pub fn database_url(url: &DatabaseUrl, reason: String) -> Self {
         ConfigError::Value {
-            key: "database.url",
+            key: "database.url".into(),
             problem: format!("{} is not a valid PostgreSQL connection string: {reason}", url.redacted()),
-            fix: "use postgres://user:password@host:port/database (or libpq key/value form: host=... port=... user=... password=... dbname=...)",
+            fix: "use postgres://user:password@host:port/database (or libpq key/value form: host=... port=... user=... password=... dbname=...)".into(),
             origin: None,
         }
     }
@@ -91,11 +95,16 @@ pub struct Problems(Vec<ConfigError>);
 
 impl Problems {
     /// Records that `key` is wrong: what is wrong with it and how to fix it.
-    pub fn add(&mut self, key: &'static str, problem: impl Into<String>, fix: &'static str) {
+    pub fn add(
+        &mut self,
+        key: impl Into<Cow<'static, str>>,
+        problem: impl Into<String>,
+        fix: impl Into<Cow<'static, str>>,
+    ) {
         self.0.push(ConfigError::Value {
-            key,
+            key: key.into(),
             problem: problem.into(),
-            fix,
+            fix: fix.into(),
             origin: None,
         });
     }
@@ -124,8 +133,15 @@ impl Problems {
 
 impl From<figment::Error> for ConfigError {
     fn from(e: figment::Error) -> Self {
-        // figment names the key path and the source (file or environment variable) of the value;
-        // for the environment it names only the prefix, so name the exact variable.
+        ConfigError::Invalid(figment_message(e))
+    }
+}
+
+/// Every error of a figment extraction in one line. figment names the key path and the source
+/// (file or environment variable) of the value; for the environment it names only the prefix, so
+/// name the exact variable.
+pub(crate) fn figment_message(e: figment::Error) -> String {
+    {
         let mut text = String::new();
         for (i, err) in e.into_iter().enumerate() {
             if i > 0 {
@@ -140,7 +156,7 @@ impl From<figment::Error> for ConfigError {
                 None => text.push_str(&err.to_string()),
             }
         }
-        ConfigError::Invalid(text)
+        text
     }
 }
 
@@ -480,8 +496,9 @@ pub enum PublisherSpec {
     File(PathBuf),
     /// Counts and discards (benchmarks, dry runs).
     Null,
-    /// The AWS publishers (SQS, EventBridge) with the `[routes]` and `[aws]` sections.
-    Aws,
+    /// Each event to one of the named `[destinations]`, chosen by `[[routes]]` and
+    /// `default_destination`; the destinations' kinds come from the linked broker crates.
+    Destinations,
 }
 
 impl std::str::FromStr for PublisherSpec {
@@ -490,11 +507,11 @@ impl std::str::FromStr for PublisherSpec {
         match s {
             "stdout" => Ok(Self::Stdout),
             "null" => Ok(Self::Null),
-            "aws" => Ok(Self::Aws),
+            "destinations" => Ok(Self::Destinations),
             _ => match s.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(Self::File(PathBuf::from(path))),
                 _ => Err(format!(
-                    "unknown publisher {s:?}: use stdout, file:PATH, null or aws"
+                    "unknown publisher {s:?}: use stdout, file:PATH, null or destinations (the configured [destinations])"
                 )),
             },
         }
@@ -507,7 +524,7 @@ impl fmt::Display for PublisherSpec {
             Self::Stdout => f.write_str("stdout"),
             Self::File(p) => write!(f, "file:{}", p.display()),
             Self::Null => f.write_str("null"),
-            Self::Aws => f.write_str("aws"),
+            Self::Destinations => f.write_str("destinations"),
         }
     }
 }
@@ -526,8 +543,12 @@ impl<'de> Deserialize<'de> for PublisherSpec {
 }
 
 /// The whole configuration of the outbox library, the relay and the CLI.
+///
+/// Unknown keys are errors: inside the known sections by their types, at the top level by
+/// [`Config::problems`] (a key that is not a table) and by
+/// [`Registry::problems`](crate::publisher::Registry::problems) (a table no linked publisher kind
+/// reads).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct Config {
     /// The selected profile (not read from the file).
     #[serde(skip)]
@@ -544,19 +565,71 @@ pub struct Config {
     pub relay: RelayConfig,
     #[serde(default)]
     pub events: EventLimits,
+    /// Where events go; when not set: `destinations` if any are configured, else `stdout`.
     #[serde(default = "default_publisher")]
     pub publisher: PublisherSpec,
-    /// `[aws]`, `[destinations]` and `[routes]` are read by the `outbox-aws` crate.
+    /// `[destinations.NAME]`: named destinations, each with a `kind` that a linked publisher
+    /// crate builds (see [`crate::publisher::registry`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub destinations: BTreeMap<String, DestinationSpec>,
+    /// `[[routes]]`: the first route matching an event names its destination.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+    /// Where events go that neither name a destination nor match a route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aws: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub destinations: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub routes: Option<Value>,
+    pub default_destination: Option<String>,
+    /// Other top-level sections (`[aws]`, `[kafka]`, …), each read by the publisher crate that
+    /// owns it ([`Config::section`]).
+    #[serde(flatten, serialize_with = "serialize_sections")]
+    pub sections: BTreeMap<String, Value>,
 }
 
 fn default_publisher() -> PublisherSpec {
     PublisherSpec::Stdout
+}
+
+fn serialize_sections<S: serde::Serializer>(
+    sections: &BTreeMap<String, Value>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let table: figment::value::Dict = sections
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    redacted_dict(&table).serialize(s)
+}
+
+/// Key names whose values are secrets wherever they appear in a publisher's section.
+const SECRET_KEYS: &[&str] = &["password", "secret", "token", "api_key", "sasl_password"];
+
+/// A copy of a table for display: values of secret-looking keys (see [`SECRET_KEYS`]) and the
+/// password of any URL are replaced, at every depth.
+pub(crate) fn redacted_dict(table: &figment::value::Dict) -> figment::value::Dict {
+    fn redact(key: &str, value: &Value) -> Value {
+        let lower = key.to_ascii_lowercase();
+        match value {
+            Value::Dict(tag, dict) => Value::Dict(
+                *tag,
+                dict.iter()
+                    .map(|(k, v)| (k.clone(), redact(k, v)))
+                    .collect(),
+            ),
+            Value::Array(tag, items) => {
+                Value::Array(*tag, items.iter().map(|v| redact(key, v)).collect())
+            }
+            Value::String(tag, _) if SECRET_KEYS.iter().any(|s| lower.contains(s)) => {
+                Value::String(*tag, "<redacted>".into())
+            }
+            Value::String(tag, text) if text.contains("://") && text.contains('@') => {
+                Value::String(*tag, DatabaseUrl(text.clone()).redacted())
+            }
+            other => other.clone(),
+        }
+    }
+    table
+        .iter()
+        .map(|(k, v)| (k.clone(), redact(k, v)))
+        .collect()
 }
 
 /// Where to read configuration from; [`ConfigSource::from_env`] is what the CLI uses.
@@ -566,6 +639,8 @@ pub struct ConfigSource {
     pub file: Option<PathBuf>,
     /// The profile; `None` reads `OUTBOX_PROFILE`, then `local`.
     pub profile: Option<String>,
+    /// TOML text read instead of a file (same layout: `[default]` and profile sections).
+    pub text: Option<String>,
     /// Read environment variables (off in tests that must not see the caller's environment).
     pub use_env: bool,
 }
@@ -576,12 +651,38 @@ impl ConfigSource {
         Self {
             file: std::env::var_os("OUTBOX_CONFIG").map(PathBuf::from),
             profile: std::env::var("OUTBOX_PROFILE").ok(),
+            text: None,
             use_env: true,
         }
     }
 }
 
 impl Config {
+    /// Loads TOML text (same layout as `outbox.toml`) for `profile`, without the environment:
+    /// for tests and for programs that keep their configuration elsewhere.
+    pub fn from_toml_str(text: &str, profile: &str) -> Result<Self, ConfigError> {
+        Self::load(&ConfigSource {
+            text: Some(text.to_owned()),
+            profile: Some(profile.to_owned()),
+            ..ConfigSource::default()
+        })
+    }
+
+    /// A top-level section owned by a publisher crate (`[aws]`, `[kafka]`), as its type;
+    /// `Ok(None)` when absent. The error names the section and the offending field.
+    pub fn section<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(value) = self.sections.get(name) else {
+            return Ok(None);
+        };
+        value
+            .deserialize::<T>()
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("[{name}]: {}", figment_message(e))))
+    }
+
     /// Loads and validates the configuration; every problem is reported at once.
     pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
         let (config, problems) = Self::load_with_problems(source)?;
@@ -597,6 +698,9 @@ impl Config {
         let (figment, profile) = Self::figment(source)?;
         let mut config: Config = figment.extract()?;
         config.profile = profile;
+        if figment.find_value("publisher").is_err() && !config.destinations.is_empty() {
+            config.publisher = PublisherSpec::Destinations;
+        }
         let mut problems = Problems::default();
         for mut problem in config.problems().into_vec() {
             if let ConfigError::Value { key, origin, .. } = &mut problem {
@@ -626,8 +730,14 @@ impl Config {
             Some(path) => Some(path.clone()),
             None => Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists()),
         };
-        if let Some(path) = &file {
-            check_sections(path)?;
+        if let Some(text) = &source.text {
+            check_sections(text, "the configuration text")?;
+            figment = figment.merge(Toml::string(text).nested());
+        } else if let Some(path) = &file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!("cannot read {}: {e}", path.display()))
+            })?;
+            check_sections(&text, &path.display().to_string())?;
             figment = figment.merge(Toml::file(path).nested());
         }
         if source.use_env {
@@ -656,6 +766,15 @@ impl Config {
     /// Every value that cannot work, each with its key and the fix.
     pub fn problems(&self) -> Problems {
         let mut p = Problems::default();
+        for (key, value) in &self.sections {
+            if !matches!(value, Value::Dict(..)) {
+                p.add(
+                    key.clone(),
+                    "unknown key",
+                    "remove it or fix its name (see `outbox config` for the keys)",
+                );
+            }
+        }
         let r = &self.relay;
         if !(1..=10_000).contains(&r.batch_size) {
             p.add(
@@ -812,9 +931,9 @@ impl Config {
     pub fn require_database_url(&self) -> Result<&DatabaseUrl, ConfigError> {
         if self.database.url.expose().trim().is_empty() {
             return Err(ConfigError::Value {
-                key: "database.url",
+                key: "database.url".into(),
                 problem: "no database URL is configured".into(),
-                fix: "set DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/app) or database.url in outbox.toml",
+                fix: "set DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/app) or database.url in outbox.toml".into(),
                 origin: None,
             });
         }
@@ -884,21 +1003,15 @@ fn is_reserved_env(key: &str) -> bool {
 
 /// With `nested()`, every top-level table is a profile: reject anything that is not one, so a
 /// mistyped section is an error instead of silently ignored.
-fn check_sections(path: &Path) -> Result<(), ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+fn check_sections(text: &str, file: &str) -> Result<(), ConfigError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        ConfigError::Invalid(format!(
-            "{} is not valid TOML: {}",
-            path.display(),
-            e.message()
-        ))
+        ConfigError::Invalid(format!("{file} is not valid TOML: {}", e.message()))
     })?;
     for section in table.keys() {
         if section != "default" && !PROFILES.contains(&section.as_str()) {
             return Err(ConfigError::UnknownSection {
                 section: section.clone(),
-                file: path.display().to_string(),
+                file: file.to_owned(),
             });
         }
     }
@@ -909,21 +1022,8 @@ fn check_sections(path: &Path) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
-    fn write(text: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!("outbox-cfg-{}.toml", uuid::Uuid::now_v7()));
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
     fn load(text: &str, profile: &str) -> Result<Config, ConfigError> {
-        let path = write(text);
-        let result = Config::load(&ConfigSource {
-            file: Some(path.clone()),
-            profile: Some(profile.into()),
-            use_env: false,
-        });
-        std::fs::remove_file(path).unwrap();
-        result
+        Config::from_toml_str(text, profile)
     }
 
     #[test]
@@ -1002,7 +1102,16 @@ mod tests {
             [default.events]
             max_field_bytes = 0
         "#;
-        let err = load(text, "local").unwrap_err();
+        // From a file, so that the file is named as the source of the values set there.
+        let path = std::env::temp_dir().join(format!("outbox-cfg-{}.toml", uuid::Uuid::now_v7()));
+        std::fs::write(&path, text).unwrap();
+        let err = Config::load(&ConfigSource {
+            file: Some(path.clone()),
+            profile: Some("local".into()),
+            ..ConfigSource::default()
+        })
+        .unwrap_err();
+        std::fs::remove_file(path).unwrap();
         assert_eq!(err.problems().len(), 5, "{err}");
         let text = err.to_string();
         for needle in [

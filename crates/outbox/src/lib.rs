@@ -9,13 +9,16 @@
 //! - [`postgres`]: the table contract and migrations, the producer API [`Outbox`], the relay's
 //!   store [`PgStore`], and operator queries (status, dead letters).
 //! - [`store`]: the [`Store`] / [`Claim`] contract the engine claims and settles through.
-//! - [`publisher`]: the [`Publisher`] contract, and the `stdout`, `file` and in-memory publishers.
+//! - [`publisher`]: the [`Publisher`] contract; the per-key batching engine, routing to named
+//!   destinations, and the [`Registry`] that broker crates plug their kinds into; the built-in
+//!   `stdout`, `file` and `null` kinds.
 //! - [`relay`]: the engine ([`Relay`]): embedded ([`Relay::spawn`]), as a service
 //!   ([`Relay::run`]) or once per invocation ([`Relay::drain`]).
 //! - [`config`]: layered configuration with `local` / `dev` / `prod` profiles.
 //! - `logging` (feature `logging`): the log set-up the project's binaries share.
 //!
-//! Broker publishers live in their own crates (`outbox-aws`), the CLI in `outbox-cli`.
+//! The core names no broker: each broker's publisher lives in its own crate and registers its
+//! kinds ([`publisher::PublisherFactory`]); the CLI is `outbox-cli`.
 
 pub mod config;
 pub mod event;
@@ -37,7 +40,8 @@ pub use postgres::{
     PgStoreOptions, Schema,
 };
 pub use publisher::{
-    FilePublisher, MemoryPublisher, PublishError, PublishResult, Publisher, StdoutPublisher,
+    BuildError, FilePublisher, MemoryPublisher, PublishError, PublishResult, Publisher,
+    PublisherFactory, Registry, StdoutPublisher,
 };
 pub use relay::{Backoff, Relay, RelayHandle, RelayOptions, RelaySnapshot};
 pub use store::{Claim, Outcome, Store, StoreError};

@@ -1302,23 +1302,14 @@ async fn start_relay_from_config_honours_enabled_and_checks_the_destinations_fir
     let db = TestDb::new().await.unwrap();
     enqueue_interleaved(&db, 1, 1).await;
     let config = |enabled: bool| {
-        let path = std::env::temp_dir().join(format!("outbox-start-{}.toml", uuid::Uuid::now_v7()));
-        std::fs::write(
-            &path,
-            format!(
+        outbox::Config::from_toml_str(
+            &format!(
                 "[default.relay]\nenabled = {enabled}\n[default.database]\nurl = \"{}\"\n",
                 db.url
             ),
+            "local",
         )
-        .unwrap();
-        let config = outbox::Config::load(&outbox::ConfigSource {
-            file: Some(path.clone()),
-            profile: Some("local".into()),
-            use_env: false,
-        })
-        .unwrap();
-        std::fs::remove_file(path).unwrap();
-        config
+        .unwrap()
     };
     let off =
         outbox::start_relay_from_config(&config(false), db.pool.clone(), MemoryPublisher::new())
@@ -1342,4 +1333,113 @@ async fn start_relay_from_config_honours_enabled_and_checks_the_destinations_fir
     assert!(wait_until(Duration::from_secs(5), || async { publisher.count() == 1 }).await);
     handle.stop().await.unwrap();
     db.drop_db().await.unwrap();
+}
+
+/// The example of a publisher kind of one's own (examples/custom_publisher.rs), held to the same
+/// conformance suite as the broker crates' publishers.
+#[path = "../examples/custom_publisher.rs"]
+#[allow(dead_code)]
+mod custom_publisher;
+
+mod custom_publisher_conformance {
+    use super::custom_publisher::{PgTablePublisher, PgTableSettings};
+    use async_trait::async_trait;
+    use outbox::Publisher;
+    use outbox_testkit::conformance::{self, Fixture, Received, Receiver};
+    use outbox_testkit::TestDb;
+    use sqlx::Row;
+    use std::time::{Duration, Instant};
+
+    struct Tables<'a> {
+        db: &'a TestDb,
+    }
+
+    struct TableReceiver {
+        pool: sqlx::PgPool,
+        table: String,
+        after: i64,
+        total: usize,
+    }
+
+    #[async_trait]
+    impl Receiver for TableReceiver {
+        async fn receive(&mut self, n: usize, within: Duration) -> anyhow::Result<Vec<Received>> {
+            let deadline = Instant::now() + within;
+            let mut out = Vec::new();
+            loop {
+                let rows = sqlx::query(&format!(
+                    "SELECT n, id::text AS id, headers, payload FROM {} WHERE n > $1 ORDER BY n",
+                    self.table
+                ))
+                .bind(self.after)
+                .fetch_all(&self.pool)
+                .await?;
+                for row in rows {
+                    self.after = row.get("n");
+                    let headers: serde_json::Value = row.get("headers");
+                    out.push(Received {
+                        message_id: row.get("id"),
+                        headers: serde_json::from_value(headers)?,
+                        body: row.get("payload"),
+                    });
+                    self.total += 1;
+                }
+                if self.total >= n || Instant::now() >= deadline {
+                    return Ok(out);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    impl Tables<'_> {
+        fn publisher(&self, url: &str, table: &str) -> Box<dyn Publisher> {
+            Box::new(
+                PgTablePublisher::new(PgTableSettings {
+                    url: url.to_owned(),
+                    table: table.to_owned(),
+                    max_payload_bytes: 64 * 1024,
+                })
+                .expect("a lazy pool"),
+            )
+        }
+    }
+
+    #[async_trait]
+    impl Fixture for Tables<'_> {
+        async fn fresh(&self) -> anyhow::Result<(Box<dyn Publisher>, Box<dyn Receiver>)> {
+            let table = format!("copy_{}", uuid::Uuid::new_v4().simple());
+            sqlx::query(&format!(
+                "CREATE TABLE {table} (id uuid PRIMARY KEY, headers jsonb, payload jsonb, n bigserial)"
+            ))
+            .execute(&self.db.pool)
+            .await?;
+            let receiver = TableReceiver {
+                pool: self.db.pool.clone(),
+                table: table.clone(),
+                after: 0,
+                total: 0,
+            };
+            Ok((self.publisher(&self.db.url, &table), Box::new(receiver)))
+        }
+
+        async fn unreachable(&self) -> anyhow::Result<Box<dyn Publisher>> {
+            Ok(self.publisher("postgres://postgres@127.0.0.1:1/nowhere", "t"))
+        }
+
+        async fn missing(&self) -> anyhow::Result<(Box<dyn Publisher>, String)> {
+            let table = format!("missing_{}", uuid::Uuid::new_v4().simple());
+            Ok((self.publisher(&self.db.url, &table), table))
+        }
+
+        fn oversized_payload_bytes(&self) -> Option<usize> {
+            Some(64 * 1024 + 1)
+        }
+    }
+
+    #[tokio::test]
+    async fn custom_publisher_passes_the_conformance_suite() {
+        let db = TestDb::new().await.unwrap();
+        conformance::run(&Tables { db: &db }, &db).await.unwrap();
+    }
 }

@@ -67,14 +67,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// Loads an `outbox::Config` from TOML text for `profile`, without the process environment.
 pub fn load_config(toml: &str, profile: &str) -> outbox::Config {
-    let path = std::env::temp_dir().join(format!("outbox-aws-test-{}.toml", uuid::Uuid::now_v7()));
-    std::fs::write(&path, toml).expect("write the test config");
-    let config = outbox::Config::load(&outbox::ConfigSource {
-        file: Some(path.clone()),
-        profile: Some(profile.to_owned()),
-        use_env: false,
-    });
-    let _ = std::fs::remove_file(&path);
+    let config = outbox::Config::from_toml_str(toml, profile);
     config.unwrap_or_else(|e| panic!("test config does not load: {e}\n{toml}"))
 }
 

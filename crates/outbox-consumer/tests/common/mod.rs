@@ -37,7 +37,7 @@ pub async fn fixture(max_receive: u32, fifo: bool) -> Fixture {
     let toml = format!(
         r#"
         [default]
-        publisher = "aws"
+        publisher = "destinations"
         [default.destinations.q]
         kind = "sqs"
         queue = "{queue}"
@@ -74,14 +74,7 @@ pub async fn fixture(max_receive: u32, fifo: bool) -> Fixture {
 }
 
 pub fn load_config(toml: &str) -> outbox::Config {
-    let path = std::env::temp_dir().join(format!("consumer-test-{}.toml", uuid::Uuid::now_v7()));
-    std::fs::write(&path, toml).expect("write config");
-    let config = outbox::Config::load(&outbox::ConfigSource {
-        file: Some(path.clone()),
-        profile: Some("local".into()),
-        use_env: false,
-    });
-    let _ = std::fs::remove_file(&path);
+    let config = outbox::Config::from_toml_str(toml, "local");
     config.unwrap_or_else(|e| panic!("config: {e}\n{toml}"))
 }
 

@@ -46,15 +46,11 @@ fn env_f64(name: &str) -> f64 {
 }
 
 async fn relay(spec: Option<PublisherSpec>) -> Result<()> {
-    let config = Config::load(&ConfigSource::from_env())?;
-    let spec = spec.unwrap_or_else(|| config.publisher.clone());
-    let inner: Box<dyn Publisher> = match outbox::publisher::builtin(&spec)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-    {
-        Some(p) => p,
-        None => Box::new(outbox_aws::publisher_from_config(&config).await?),
-    };
+    let mut config = Config::load(&ConfigSource::from_env())?;
+    if let Some(spec) = spec {
+        config.publisher = spec;
+    }
+    let inner: Box<dyn Publisher> = outbox_aws::publisher_from_config(&config).await?;
     let publisher = Stalling {
         inner,
         probability: env_f64("OUTBOX_FAULTS_STALL_PROB"),

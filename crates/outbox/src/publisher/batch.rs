@@ -1,4 +1,5 @@
-//! Batching that keeps the per-key contract, shared by the SQS and EventBridge publishers.
+//! The per-key batching engine, for publishers whose broker takes several messages per request
+//! (SQS, EventBridge, SNS, Kafka, ...): implement [`Sink`] and call [`publish_in_waves`].
 //!
 //! A batch is sent in *waves*: each wave takes the next unsent event of every key, so a request
 //! never holds two events of one key. Within a wave the events are independent: they are packed
@@ -13,24 +14,39 @@ use std::collections::{HashMap, VecDeque};
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
-use outbox::publisher::skipped_after_failure;
-use outbox::{OrderingKey, OutboxEvent, PublishError, PublishResult};
 
-use crate::errors::RequestFailure;
+use super::{skipped_after_failure, PublishError, PublishResult};
+use crate::event::{OrderingKey, OutboxEvent};
+
+/// How a whole request failed, when the broker answered nothing per entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestFailure {
+    /// Transport, throttling, server side, credentials or a missing destination: not the
+    /// entries' fault. Every entry gets [`PublishError::Unavailable`] (no attempt is charged).
+    Transient(String),
+    /// The request's content was refused (validation). With several entries one of them may be the
+    /// cause, so they are retried one per request to find it; alone, the entry is permanent.
+    Content(String),
+}
 
 /// An entry ready to send, with the size the broker counts against its limits.
 #[derive(Debug, Clone)]
-pub(crate) struct Prepared<E> {
+pub struct Prepared<E> {
+    /// What the sink sends.
     pub entry: E,
+    /// Its size as the broker counts it against [`Sink::max_request_bytes`].
     pub size: usize,
 }
 
 /// One destination's request API, as the wave engine uses it.
 #[async_trait]
-pub(crate) trait Sink: Send + Sync {
+pub trait Sink: Send + Sync {
+    /// One message as the broker's batch request takes it.
     type Entry: Clone + Send + Sync;
 
+    /// Most entries per request.
     fn max_entries(&self) -> usize;
+    /// Most bytes per request (the sum of the entries' [`Prepared::size`]).
     fn max_request_bytes(&self) -> usize;
 
     /// Builds the entry of an event, offloading its payload first if it is too large; an error
@@ -45,11 +61,8 @@ pub(crate) trait Sink: Send + Sync {
     ) -> Result<Vec<PublishResult>, RequestFailure>;
 }
 
-/// Publishes a batch through `sink` honouring the [`outbox::Publisher`] contract.
-pub(crate) async fn publish_in_waves<S: Sink>(
-    sink: &S,
-    batch: &[OutboxEvent],
-) -> Vec<PublishResult> {
+/// Publishes a batch through `sink` honouring the [`Publisher`](super::Publisher) contract.
+pub async fn publish_in_waves<S: Sink>(sink: &S, batch: &[OutboxEvent]) -> Vec<PublishResult> {
     let mut results: Vec<Option<PublishResult>> = vec![None; batch.len()];
     let mut queues = key_queues(batch);
 
@@ -100,7 +113,7 @@ pub(crate) async fn publish_in_waves<S: Sink>(
 
 /// The indices of a batch's events grouped by ordering key, each group in `seq` order, groups in
 /// order of their first event.
-pub(crate) fn key_queues(batch: &[OutboxEvent]) -> Vec<VecDeque<usize>> {
+pub fn key_queues(batch: &[OutboxEvent]) -> Vec<VecDeque<usize>> {
     let mut key_index: HashMap<OrderingKey<'_>, usize> = HashMap::new();
     let mut queues: Vec<VecDeque<usize>> = Vec::new();
     for (i, event) in batch.iter().enumerate() {
