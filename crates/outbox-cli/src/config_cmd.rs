@@ -9,10 +9,10 @@ use outbox::config::{Config, ConfigSource};
 
 use crate::UsageError;
 
-pub fn run(source: &ConfigSource) -> Result<()> {
+pub fn run(source: &ConfigSource, database_url: Option<&str>) -> Result<()> {
     let (config, problems) =
-        Config::load_with_problems(source).map_err(|e| UsageError(e.into()))?;
-    let mut problems: Vec<String> = problems.into_vec().iter().map(|p| p.to_string()).collect();
+        crate::load_with_problems(source, database_url).map_err(|e| UsageError(e.into()))?;
+    let mut problems: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
     let resolved = aws::resolve(&config, &mut problems);
     if !problems.is_empty() {
         let count = match problems.len() {
