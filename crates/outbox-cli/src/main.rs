@@ -126,11 +126,10 @@ enum Command {
         #[command(subcommand)]
         action: AwsAction,
     },
-    /// Adopt an existing outbox table (e.g. Debezium's): copy each row inserted into it into
-    /// outbox_event, so the relay publishes it and the table's producers stay as they are.
+    /// Publish an existing (e.g. Debezium-layout) outbox table's events; its producers stay as is.
     ///
-    /// Installs an AFTER INSERT trigger on the table (in the producer's transaction, in insert
-    /// order); rows inserted before are not copied. The column options default to Debezium's
+    /// Installs an AFTER INSERT trigger on the table that copies each row into outbox_event, in the
+    /// producer's transaction and in insert order; rows inserted before are not copied. The column options default to Debezium's
     /// outbox layout. Run `outbox migrate` first.
     Adopt {
         /// The existing table: TABLE or SCHEMA.TABLE (as written, case-sensitive; default schema
@@ -164,16 +163,18 @@ enum Command {
         #[arg(long)]
         remove: bool,
     },
-    /// Print a shell completion script, e.g. `outbox completions bash > /etc/bash_completion.d/outbox`.
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     ///
-    /// bash: source it or put it in a bash-completion directory; zsh: save it as `_outbox` in a
+    /// E.g. `outbox completions bash > ~/.local/share/bash-completion/completions/outbox`. bash: source it or put it in a bash-completion directory; zsh: save it as `_outbox` in a
     /// directory of $fpath; fish: save it as ~/.config/fish/completions/outbox.fish.
     Completions {
         /// The shell to complete in.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff), e.g. `outbox man > /usr/local/share/man/man1/outbox.1`.
+    /// Print the man page (roff).
+    ///
+    /// E.g. `outbox man > ~/.local/share/man/man1/outbox.1`, or read it at once: `outbox man | man -l -`.
     Man,
 }
 
