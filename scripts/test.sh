@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: starts PostgreSQL and the AWS emulator if needed, then runs every test of
-# the workspace against them (unit, integration, end-to-end, fault and CLI tests).
+# the workspace against them (unit, integration, end-to-end, fault and CLI tests), then the producer
+# examples in other languages (scripts/examples.sh).
 #   scripts/test.sh [extra cargo test args]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -14,3 +15,5 @@ export DATABASE_URL="$ADMIN_DATABASE_URL"
 say "running the test suite"
 cargo test --workspace --all-targets --no-fail-fast "$@"
 cargo test --workspace --doc
+# Producers in Python and Node.js through the SQL contract, relayed by the binary just tested.
+OUTBOX_TEST_BIN="$CARGO_TARGET_DIR/debug/outbox" bash "$ROOT/scripts/examples.sh"

@@ -11,11 +11,11 @@ use outbox::config::{Config, ConfigSource, PublisherSpec};
 
 use crate::UsageError;
 
-pub fn run(source: &ConfigSource) -> Result<()> {
+pub fn run(source: &ConfigSource, database_url: Option<&str>) -> Result<()> {
     let (config, problems) =
-        Config::load_with_problems(source).map_err(|e| UsageError(e.into()))?;
+        crate::load_with_problems(source, database_url).map_err(|e| UsageError(e.into()))?;
     let registry = crate::registry();
-    let mut problems: Vec<String> = problems.into_vec().iter().map(|p| p.to_string()).collect();
+    let mut problems: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
     problems.extend(
         registry
             .problems(&config)

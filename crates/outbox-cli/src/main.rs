@@ -1,7 +1,8 @@
 //! `outbox`: migrate the schema, run the relay, inspect the backlog and the dead letters.
 //!
 //! Configuration comes from `outbox.toml` (or `--config` / `OUTBOX_CONFIG`), the profile from
-//! `--profile` / `OUTBOX_PROFILE`, overrides from `OUTBOX_*` and `DATABASE_URL`. Logs go to standard
+//! `--profile` / `OUTBOX_PROFILE`, overrides from `OUTBOX_*` and `DATABASE_URL`, and the database
+//! from `--database-url` over all of them. Logs go to standard
 //! error (standard output is the `stdout` publisher's and the commands' results): `OUTBOX_LOG` (or
 //! `RUST_LOG`) filters them, `OUTBOX_LOG_FORMAT=json` writes JSON lines (see `outbox::logging`).
 //!
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use outbox::config::{Config, ConfigSource, PublisherSpec};
+use outbox::config::{Config, ConfigError, ConfigSource, DatabaseUrl, Problems, PublisherSpec};
 use outbox::logging::{self, LogFormat, LogOptions};
 use outbox::postgres::{self, MigrateError, MigrateOptions};
 use outbox::Publisher;
@@ -29,12 +30,34 @@ use crate::dead::DeadAction;
 use crate::out::{out, BrokenPipe};
 
 mod config_cmd;
+mod docs_cmd;
+
+/// What `outbox --help` (and the man page) says after the options: the variables and exit codes
+/// that scripts and service managers depend on.
+const AFTER_HELP: &str = "\
+Environment:
+  DATABASE_URL             the database: postgres://user:password@host:port/db or the libpq
+                           key/value form (--database-url wins over it)
+  OUTBOX_CONFIG            the configuration file (as --config)
+  OUTBOX_PROFILE           the profile (as --profile)
+  OUTBOX_<SECTION>__<KEY>  any configuration key, e.g. OUTBOX_RELAY__BATCH_SIZE=500
+  OUTBOX_LOG               log filter (else RUST_LOG), e.g. info,sqlx=warn (the default) or debug
+  OUTBOX_LOG_FORMAT        text (the default) or json: one JSON object per line
+  NO_COLOR                 no colours in logs and messages
+
+Exit codes:
+  0      success
+  1      runtime failure (e.g. the database is unreachable); for relay --drain also events left
+         retrying, held for a destination, blocked or dead
+  2      bad configuration or usage
+  128+N  a second signal N during shutdown (130 for SIGINT, 143 for SIGTERM)";
 
 #[derive(Parser, Debug)]
 #[command(
     name = "outbox",
     version,
-    about = "Transactional outbox for PostgreSQL: migrate, relay, inspect"
+    about = "Transactional outbox for PostgreSQL: migrate, relay, inspect",
+    after_help = AFTER_HELP
 )]
 struct Cli {
     /// Configuration file [default: outbox.toml when it exists]
@@ -43,6 +66,13 @@ struct Cli {
     /// Profile: local, dev or prod [default: local]
     #[arg(long, global = true, env = "OUTBOX_PROFILE")]
     profile: Option<String>,
+    /// PostgreSQL connection string; wins over DATABASE_URL, OUTBOX_DATABASE__URL and the file's
+    /// database.url. A command line is visible to other local users (ps): pass a password in
+    /// DATABASE_URL instead.
+    // Not `env = "DATABASE_URL"`: the configuration reads that variable itself, below
+    // OUTBOX_DATABASE__URL, and the flag must not change that order.
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -96,6 +126,56 @@ enum Command {
         #[command(subcommand)]
         action: AwsAction,
     },
+    /// Publish an existing (e.g. Debezium-layout) outbox table's events; its producers stay as is.
+    ///
+    /// Installs an AFTER INSERT trigger on the table that copies each row into outbox_event, in the
+    /// producer's transaction and in insert order; rows inserted before are not copied. The column options default to Debezium's
+    /// outbox layout. Run `outbox migrate` first.
+    Adopt {
+        /// The existing table: TABLE or SCHEMA.TABLE (as written, case-sensitive; default schema
+        /// public).
+        table: String,
+        /// The event id column (uuid, or text holding UUIDs).
+        #[arg(long, value_name = "COLUMN", default_value = "id")]
+        id: String,
+        /// The aggregate type column (first part of the ordering key).
+        #[arg(long, value_name = "COLUMN", default_value = "aggregatetype")]
+        aggregate_type: String,
+        /// The aggregate id column (second part of the ordering key).
+        #[arg(long, value_name = "COLUMN", default_value = "aggregateid")]
+        aggregate_id: String,
+        /// The event type column.
+        #[arg(long, value_name = "COLUMN", default_value = "type")]
+        event_type: String,
+        /// The payload column (jsonb, json or text holding JSON objects).
+        #[arg(long, value_name = "COLUMN", default_value = "payload")]
+        payload: String,
+        /// Optional headers column (jsonb, json or text: an object of strings).
+        #[arg(long, value_name = "COLUMN")]
+        headers: Option<String>,
+        /// Optional column of when the event happened (timestamptz or timestamp).
+        #[arg(long, value_name = "COLUMN")]
+        timestamp: Option<String>,
+        /// Print the SQL instead of running it (the table and columns are still checked).
+        #[arg(long, conflicts_with = "remove")]
+        print: bool,
+        /// Remove the trigger: rows inserted from now on are no longer copied.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// E.g. `outbox completions bash > ~/.local/share/bash-completion/completions/outbox`. bash: source it or put it in a bash-completion directory; zsh: save it as `_outbox` in a
+    /// directory of $fpath; fish: save it as ~/.config/fish/completions/outbox.fish.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    ///
+    /// E.g. `outbox man > ~/.local/share/man/man1/outbox.1`, or read it at once: `outbox man | man -l -`.
+    Man,
 }
 
 #[cfg(feature = "aws")]
@@ -164,6 +244,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// The configuration and every problem with it, `--database-url` applied over every other source
+/// of `database.url`. The override is applied here rather than in [`ConfigSource`], whose fields
+/// every caller of the library spells out.
+pub(crate) fn load_with_problems(
+    source: &ConfigSource,
+    database_url: Option<&str>,
+) -> Result<(Config, Vec<ConfigError>), ConfigError> {
+    let (mut config, problems) = Config::load_with_problems(source)?;
+    let mut problems = problems.into_vec();
+    if let Some(url) = database_url {
+        config.database.url = DatabaseUrl::new(url);
+        // The URL the flag replaced is not used, so its problems are not reported; the flag's
+        // own are, naming the flag as their origin.
+        problems.retain(|p| !is_database_url_problem(p));
+        for mut problem in config.problems().into_vec() {
+            if is_database_url_problem(&problem) {
+                if let ConfigError::Value { origin, .. } = &mut problem {
+                    *origin = Some("--database-url".to_owned());
+                }
+                problems.push(problem);
+            }
+        }
+    }
+    Ok((config, problems))
+}
+
+fn is_database_url_problem(problem: &ConfigError) -> bool {
+    matches!(problem, ConfigError::Value { key, .. } if key.starts_with("database.url"))
+}
+
 fn config_source(cli: &Cli) -> ConfigSource {
     let mut source = ConfigSource::from_env();
     if cli.config.is_some() {
@@ -178,12 +288,16 @@ fn config_source(cli: &Cli) -> ConfigSource {
 /// Loads the configuration and validates all of it, the linked publisher kinds' sections too,
 /// reporting every problem at once.
 fn load_config(cli: &Cli) -> Result<Config> {
-    let (config, mut problems) =
-        Config::load_with_problems(&config_source(cli)).map_err(|e| UsageError(e.into()))?;
-    for problem in registry().problems(&config).into_vec() {
-        problems.push(problem);
+    let (config, problems) = load_with_problems(&config_source(cli), cli.database_url.as_deref())
+        .map_err(|e| UsageError(e.into()))?;
+    let mut all = Problems::default();
+    for problem in problems {
+        all.push(problem);
     }
-    problems.into_result().map_err(|e| UsageError(e.into()))?;
+    for problem in registry().problems(&config).into_vec() {
+        all.push(problem);
+    }
+    all.into_result().map_err(|e| UsageError(e.into()))?;
     Ok(config)
 }
 
@@ -197,9 +311,15 @@ pub(crate) async fn connect(config: &Config, name: &str) -> Result<sqlx::PgPool>
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    if let Command::Config = cli.command {
+    match &cli.command {
         // Validates on its own, so that it reports every problem (the AWS sections' too) at once.
-        return config_cmd::run(&config_source(&cli));
+        Command::Config => {
+            return config_cmd::run(&config_source(&cli), cli.database_url.as_deref())
+        }
+        // Generated from the command definition alone: no configuration, no database.
+        Command::Completions { shell } => return docs_cmd::completions(*shell),
+        Command::Man => return docs_cmd::man(),
+        _ => {}
     }
     let config = load_config(&cli)?;
     match cli.command {
@@ -224,7 +344,33 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { json } => status(&config, json).await,
         Command::Dead { action } => dead::run(&config, action).await,
-        Command::Config => unreachable!("`config` returns before the configuration is loaded"),
+        Command::Adopt {
+            table,
+            id,
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            payload,
+            headers,
+            timestamp,
+            print,
+            remove,
+        } => {
+            let mapping = postgres::AdoptMapping {
+                id,
+                aggregate_type,
+                aggregate_id,
+                event_type,
+                payload,
+                headers,
+                timestamp,
+                ..postgres::AdoptMapping::debezium(&table).map_err(|e| UsageError(e.into()))?
+            };
+            adopt(&config, &mapping, print, remove).await
+        }
+        Command::Config | Command::Completions { .. } | Command::Man => {
+            unreachable!("returned before the configuration is loaded")
+        }
         #[cfg(feature = "aws")]
         Command::Aws {
             action: AwsAction::Bootstrap,
@@ -278,6 +424,58 @@ async fn migrate(config: &Config, print: bool, from: Option<i32>) -> Result<()> 
     for change in &report.changed {
         eprintln!("outbox schema `{}`: {change}", config.schema);
     }
+    Ok(())
+}
+
+async fn adopt(
+    config: &Config,
+    mapping: &postgres::AdoptMapping,
+    print: bool,
+    remove: bool,
+) -> Result<()> {
+    let pool = connect(config, "outbox-adopt").await?;
+    let usage = |e: postgres::AdoptError| -> anyhow::Error {
+        if e.is_usage() {
+            UsageError(e.into()).into()
+        } else {
+            e.into()
+        }
+    };
+    if remove {
+        let had = postgres::unadopt(&pool, &config.schema, mapping)
+            .await
+            .map_err(usage)?;
+        eprintln!(
+            "{}: {}",
+            mapping.qualified_table(),
+            if had {
+                "no longer adopted: rows inserted from now on are not copied into the outbox"
+            } else {
+                "was not adopted; nothing to remove"
+            }
+        );
+        return Ok(());
+    }
+    if print {
+        let sql = postgres::adoption_sql(&pool, &config.schema, mapping)
+            .await
+            .map_err(usage)?;
+        return config_cmd::write_stdout(&sql);
+    }
+    let report = postgres::adopt(&pool, &config.schema, mapping)
+        .await
+        .map_err(usage)?;
+    eprintln!(
+        "{} adopted: each row inserted into it is copied into {} by the trigger {} ({}); run `outbox relay` to publish them.\n\
+         Producer roles that do not own the outbox schema need, for its commit-time wake-up trigger: \
+         GRANT USAGE ON SCHEMA {schema} TO <role>; GRANT SELECT ON SEQUENCE {} TO <role>;",
+        report.table,
+        config.schema.qualify("outbox_event"),
+        postgres::ADOPT_TRIGGER,
+        report.function,
+        config.schema.qualify("outbox_wakeup_wanted_ms"),
+        schema = config.schema.quoted(),
+    );
     Ok(())
 }
 

@@ -1032,3 +1032,465 @@ async fn migrate_reports_changes_and_refusals_and_the_relay_reports_drift() {
     assert!(out.status.success(), "{}", stderr(&out));
     other.drop_db().await.unwrap();
 }
+
+/// A command that needs no configuration and no database: a configuration file that does not
+/// exist and an unreachable database must not matter.
+fn outbox_without_configuration() -> Command {
+    let mut cmd = outbox("postgres://nobody@127.0.0.1:1/none");
+    cmd.env("OUTBOX_CONFIG", "/nonexistent/outbox.toml");
+    cmd
+}
+
+#[test]
+fn completions_for_each_shell_and_the_man_page_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(outbox_without_configuration().args(["completions", shell]));
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = String::from_utf8(out.stdout).unwrap();
+        for word in [
+            "migrate",
+            "relay",
+            "dead",
+            "replay",
+            "database-url",
+            "drain",
+        ] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let out = run(outbox_without_configuration().args(["completions", "tcsh"]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+    let err = stderr(&out);
+    assert!(err.contains("tcsh") && err.contains("bash"), "{err}");
+    let out = run(outbox_without_configuration().arg("completions"));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    let out = run(outbox_without_configuration().arg("man"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH outbox"),
+        "{page}"
+    );
+    for word in [
+        "migrate",
+        "relay",
+        "DATABASE_URL",
+        "OUTBOX_LOG",
+        "Exit codes",
+    ] {
+        assert!(page.contains(word), "the man page lacks {word}");
+    }
+    // Rendered as `man` would: groff reports malformed roff as warnings on standard error.
+    if Command::new("groff").arg("--version").output().is_ok() {
+        let mut groff = Command::new("groff")
+            .args(["-man", "-Tutf8", "-ww"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        groff
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+        let rendered = groff.wait_with_output().unwrap();
+        assert!(rendered.status.success());
+        assert_eq!(stderr(&rendered), "", "groff warnings");
+        assert!(String::from_utf8_lossy(&rendered.stdout).contains("DATABASE_URL"));
+    }
+}
+
+#[test]
+fn help_names_the_database_url_the_log_variables_and_the_exit_codes() {
+    let out = run(outbox_without_configuration().arg("--help"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let help = String::from_utf8(out.stdout).unwrap();
+    for word in [
+        "--database-url",
+        "DATABASE_URL",
+        "OUTBOX_LOG",
+        "OUTBOX_LOG_FORMAT",
+        "NO_COLOR",
+        "Exit codes",
+        "completions",
+        "man",
+    ] {
+        assert!(help.contains(word), "--help lacks {word}:\n{help}");
+    }
+}
+
+#[test]
+fn no_color_turns_off_the_colours_of_messages() {
+    // CLICOLOR_FORCE asks for colours without a terminal; NO_COLOR must still win.
+    let out = run(outbox_without_configuration()
+        .arg("no-such-command")
+        .env("CLICOLOR_FORCE", "1"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("\u{1b}["),
+        "colours were forced: {}",
+        stderr(&out)
+    );
+    let out = run(outbox_without_configuration()
+        .arg("no-such-command")
+        .env("CLICOLOR_FORCE", "1")
+        .env("NO_COLOR", "1"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!stderr(&out).contains('\u{1b}'), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-command"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn the_database_url_flag_wins_over_the_environment() {
+    let db = TestDb::empty().await.unwrap();
+    let unreachable = "postgres://nobody@127.0.0.1:1/none";
+    // Without the flag, the environment's database is used (and fails): the flag makes the difference.
+    let out = run(outbox(unreachable).arg("migrate"));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+
+    let out = run(outbox(unreachable)
+        .env("OUTBOX_DATABASE__URL", unreachable)
+        .args(["--database-url", &db.url, "migrate"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A global option: after the subcommand too.
+    let out = run(outbox(unreachable).args(["status", "--json", "--database-url", &db.url]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["pending"], 0);
+
+    // Only the flag's URL is checked (not the environment's broken one), and a problem names it.
+    let out = run(outbox("mysql://root@127.0.0.1/app").args([
+        "--database-url",
+        "postgres://u:hunter2@127.0.0.1:5432/app",
+        "config",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("postgres://u:***@127.0.0.1:5432/app"),
+        "{shown}"
+    );
+    assert!(!shown.contains("hunter2"));
+    let out =
+        run(outbox(&db.url).args(["--database-url", "mysql://root:hunter2@h/app", "migrate"]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("database.url") && err.contains("(set by --database-url)"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    db.drop_db().await.unwrap();
+}
+
+/// The producers of a Debezium-layout outbox table, as they were written before the outbox existed:
+/// plain SQL, the same statements before and after `outbox adopt`.
+const DEBEZIUM_TABLE: &str = "CREATE TABLE app.outboxevent (
+    id uuid PRIMARY KEY,
+    aggregatetype varchar(255) NOT NULL,
+    aggregateid varchar(255) NOT NULL,
+    type varchar(255) NOT NULL,
+    payload jsonb
+)";
+
+async fn debezium_produce(db: &TestDb, key: &str, n: usize) -> Vec<uuid::Uuid> {
+    let mut ids = Vec::new();
+    let mut tx = db.pool.begin().await.unwrap();
+    for i in 0..n {
+        let id = uuid::Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO app.outboxevent (id, aggregatetype, aggregateid, type, payload)
+             VALUES ($1, 'Order', $2, 'OrderLineAdded', $3::jsonb)",
+        )
+        .bind(id)
+        .bind(key)
+        .bind(serde_json::json!({ "order": key, "line": i }).to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    tx.commit().await.unwrap();
+    ids
+}
+
+#[tokio::test]
+async fn an_adopted_debezium_table_is_relayed_in_key_order_and_its_producers_keep_working() {
+    let db = TestDb::empty().await.unwrap();
+    sqlx::raw_sql(&format!("CREATE SCHEMA app; {DEBEZIUM_TABLE}"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Before the outbox: the producers work, and their rows are not the relay's business.
+    let before = debezium_produce(&db, "o-0", 2).await;
+    // The outbox in a schema of its own, next to the existing table.
+    let cmd = |args: &[&str]| {
+        let mut cmd = outbox(&db.url);
+        cmd.env("OUTBOX_SCHEMA", "outbox").args(args);
+        cmd
+    };
+    let out = run(&mut cmd(&["adopt", "app.outboxevent"]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "adopting before migrate: {}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("outbox migrate"), "{}", stderr(&out));
+    let out = run(&mut cmd(&["migrate"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&mut cmd(&["adopt", "app.outboxevent"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("adopted"), "{}", stderr(&out));
+    // Idempotent: adopting again replaces the trigger, it does not add a second copy.
+    let out = run(&mut cmd(&["adopt", "app.outboxevent"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Producers as before: several keys, several events per key, one transaction per batch.
+    let mut expected: HashMap<String, Vec<uuid::Uuid>> = HashMap::new();
+    for round in 0..3 {
+        for k in 1..=4 {
+            let key = format!("o-{k}");
+            let ids = debezium_produce(&db, &key, round + 1).await;
+            expected.entry(key).or_default().extend(ids);
+        }
+    }
+    // The common Debezium pattern: insert and delete in one transaction (the log keeps the insert).
+    let deleted = uuid::Uuid::new_v4();
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO app.outboxevent (id, aggregatetype, aggregateid, type, payload)
+         VALUES ($1, 'Order', 'o-1', 'OrderShipped', '{\"order\": \"o-1\"}')",
+    )
+    .bind(deleted)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM app.outboxevent WHERE id = $1")
+        .bind(deleted)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    expected.get_mut("o-1").unwrap().push(deleted);
+    // A producer role with rights on its own table needs no grant on outbox_event (the copy runs
+    // with the rights of the role that adopted the table), only the two the README names for the
+    // wake-up trigger, which runs at commit as the producer's role.
+    let role = format!("outbox_test_producer_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role}; GRANT USAGE ON SCHEMA app TO {role}; GRANT INSERT ON app.outboxevent TO {role};"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let insert_as_producer = |id: uuid::Uuid| {
+        let pool = db.pool.clone();
+        let role = role.clone();
+        async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query(&format!("SET LOCAL ROLE {role}"))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO app.outboxevent (id, aggregatetype, aggregateid, type, payload)
+                 VALUES ($1, 'Order', 'o-2', 'OrderLineAdded', '{\"order\": \"o-2\"}')",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        }
+    };
+    let err = insert_as_producer(uuid::Uuid::new_v4()).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("permission denied for schema outbox"),
+        "{err}"
+    );
+    sqlx::raw_sql(&format!(
+        "GRANT USAGE ON SCHEMA outbox TO {role};
+         GRANT SELECT ON SEQUENCE outbox.outbox_wakeup_wanted_ms TO {role};"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let restricted = uuid::Uuid::new_v4();
+    insert_as_producer(restricted).await.unwrap();
+    expected.get_mut("o-2").unwrap().push(restricted);
+    // A rolled-back producer transaction leaves no event.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO app.outboxevent (id, aggregatetype, aggregateid, type, payload)
+         VALUES ($1, 'Order', 'o-9', 'Never', '{}')",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+
+    let file = temp_file("adopted.jsonl");
+    let out = run(&mut cmd(&[
+        "relay",
+        "--drain",
+        "--publisher",
+        &format!("file:{}", file.display()),
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut published: HashMap<String, Vec<uuid::Uuid>> = HashMap::new();
+    for line in &lines {
+        assert_eq!(line["aggregate_type"], "Order");
+        let key = line["aggregate_id"].as_str().unwrap().to_owned();
+        let id: uuid::Uuid = line["id"].as_str().unwrap().parse().unwrap();
+        assert!(
+            !before.contains(&id),
+            "a row inserted before adoption was copied"
+        );
+        if id != deleted {
+            assert_eq!(line["event_type"], "OrderLineAdded");
+            assert_eq!(line["payload"]["order"], key.as_str());
+        }
+        published.entry(key).or_default().push(id);
+    }
+    assert_eq!(
+        published, expected,
+        "every adopted row once, with its own id, in insert order per key"
+    );
+
+    // The producers still write their table; a row the outbox contract refuses fails the
+    // producer's insert (the event must exist if and only if the change commits), naming the rule.
+    let err = sqlx::query(
+        "INSERT INTO app.outboxevent (id, aggregatetype, aggregateid, type, payload)
+         VALUES ($1, 'Order', 'o-1', 'Bad', '[1, 2]')",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .execute(&db.pool)
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("outbox_event_payload_must_be_object"),
+        "{err}"
+    );
+
+    // Removing the adoption stops the copies; the producers are unaffected.
+    let out = run(&mut cmd(&["adopt", "app.outboxevent", "--remove"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no longer adopted"),
+        "{}",
+        stderr(&out)
+    );
+    debezium_produce(&db, "o-1", 1).await;
+    let copied: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(copied, 0, "a row inserted after --remove was copied");
+    std::fs::remove_file(file).ok();
+    db.drop_db().await.unwrap();
+    let admin = sqlx::PgPool::connect(&outbox_testkit::admin_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn adopting_a_table_that_does_not_fit_names_the_problem_and_changes_nothing() {
+    let db = TestDb::empty().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.events (id uuid PRIMARY KEY, aggregate_type text, aggregatetype text,
+                                  type text, payload bytea, body jsonb);",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let cmd = |args: &[&str]| {
+        let mut cmd = outbox(&db.url);
+        cmd.env("OUTBOX_SCHEMA", "outbox").args(args);
+        cmd
+    };
+    assert!(run(&mut cmd(&["migrate"])).status.success());
+
+    let out = run(&mut cmd(&["adopt", "app.nosuchtable"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("\"app\".\"nosuchtable\" does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    // Debezium's column names, but the table lacks `aggregateid`: named, with the option to map it.
+    let out = run(&mut cmd(&["adopt", "app.events"]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("no column `aggregateid`") && err.contains("--aggregate-id COLUMN"),
+        "{err}"
+    );
+    assert!(
+        err.contains("the table has: id, aggregate_type, aggregatetype, type, payload, body"),
+        "{err}"
+    );
+    // A payload column that cannot hold JSON.
+    let out = run(&mut cmd(&[
+        "adopt",
+        "app.events",
+        "--aggregate-id",
+        "aggregate_type",
+    ]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("column `payload` of \"app\".\"events\" is of type bytea"),
+        "{}",
+        stderr(&out)
+    );
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.events'::regclass AND NOT tgisinternal",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(triggers, 0, "a refused adoption installed a trigger");
+
+    // Mapped right, --print shows the SQL and installs nothing.
+    let out = run(&mut cmd(&[
+        "adopt",
+        "app.events",
+        "--aggregate-id",
+        "aggregate_type",
+        "--payload",
+        "body",
+        "--print",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sql = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        sql.contains("AFTER INSERT ON \"app\".\"events\"") && sql.contains("NEW.\"body\""),
+        "{sql}"
+    );
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.events'::regclass AND NOT tgisinternal",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(triggers, 0, "--print installed a trigger");
+    db.drop_db().await.unwrap();
+}

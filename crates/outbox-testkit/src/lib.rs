@@ -10,6 +10,12 @@ pub mod conformance;
 
 use std::collections::HashMap;
 
+// The workspace README's Rust example (the quick start) is compiled as a doc test of this crate,
+// which is never published: the README stays true without being shipped in a package.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct WorkspaceReadme;
+
 use outbox::{MigrateOptions, OutboxEvent, Schema};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};

@@ -19,6 +19,48 @@
 //!
 //! The core names no broker: each broker's publisher lives in its own crate and registers its
 //! kinds ([`publisher::PublisherFactory`]); the CLI is `outbox-cli`.
+//!
+//! ## Example
+//!
+//! A business row and its event in one transaction, and the relay embedded in the application,
+//! publishing to standard output. Besides `outbox`, an application depends on `sqlx` (with the
+//! `postgres` and `runtime-tokio` features) and `tokio` (`macros`, `rt-multi-thread`).
+//!
+//! ```no_run
+//! use outbox::{Config, ConfigSource, NewEvent, Outbox};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // outbox.toml if present, OUTBOX_* variables and DATABASE_URL; every problem at once.
+//!     let config = Config::load(&ConfigSource::from_env())?;
+//!     let pool = outbox::connect_from_config(&config, "orders").await?;
+//!     // Creates or upgrades outbox_event, as `outbox migrate` does; safe on every start.
+//!     outbox::migrate_from_config(&mut *pool.acquire().await?, &config).await?;
+//!     sqlx::query("CREATE TABLE IF NOT EXISTS orders (id text PRIMARY KEY)")
+//!         .execute(&pool)
+//!         .await?;
+//!
+//!     // The publisher kinds linked here: stdout, file, null (+ .with(outbox_aws::Aws), ...).
+//!     let publisher = outbox::Registry::new().build(&config).await?;
+//!     let relay = outbox::start_relay_from_config(&config, pool.clone(), publisher).await?;
+//!
+//!     let outbox = Outbox::from_config(&config);
+//!     let mut tx = pool.begin().await?;
+//!     sqlx::query("INSERT INTO orders (id) VALUES ($1)")
+//!         .bind("o-1")
+//!         .execute(&mut *tx)
+//!         .await?;
+//!     let event = NewEvent::new("order", "o-1", "OrderPlaced")
+//!         .payload(&serde_json::json!({"order_id": "o-1", "total_cents": 1250}))?;
+//!     outbox.enqueue(&mut tx, event).await?;
+//!     tx.commit().await?; // the event exists if and only if the order does
+//!
+//!     if let Some(relay) = relay {
+//!         relay.stop().await?; // publishes and settles the batch in flight
+//!     }
+//!     Ok(())
+//! }
+//! ```
 
 pub mod config;
 pub mod event;
@@ -45,6 +87,11 @@ pub use publisher::{
 };
 pub use relay::{Backoff, Relay, RelayHandle, RelayOptions, RelaySnapshot};
 pub use store::{Claim, Outcome, Store, StoreError};
+
+// The crate's README (its page on crates.io) is compiled as a doc test, so its example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 /// A configuration or connection problem at start-up.
 #[derive(Debug, thiserror::Error)]

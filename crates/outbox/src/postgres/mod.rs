@@ -2,6 +2,7 @@
 //! store ([`PgStore`]) and operator queries.
 
 mod admin;
+mod adopt;
 mod enqueue;
 mod migrate;
 mod schema;
@@ -15,6 +16,9 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 pub use admin::{
     dead_event, dead_events, delete_dead, replay_dead, select_dead, status, AdminError, DeadChange,
     DeadEvent, DeadEventDetail, DeadFilter, DeadSelection, Status, MAX_DEAD_LIST_LIMIT,
+};
+pub use adopt::{
+    adopt, adoption_sql, unadopt, AdoptError, AdoptMapping, AdoptReport, ADOPT_TRIGGER,
 };
 pub use enqueue::{EnqueueError, Outbox, PAYLOAD_SIZE_CONSTRAINT};
 pub use migrate::{
