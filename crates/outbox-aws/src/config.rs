@@ -226,16 +226,9 @@ fn default_bus() -> String {
     "default".to_owned()
 }
 
-/// What a message body (SQS) or an event's detail (EventBridge) contains.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BodyFormat {
-    /// The event's payload JSON as enqueued; metadata travels in attributes (SQS).
-    #[default]
-    Payload,
-    /// The outbox's JSON envelope: id, seq, aggregate, event type, payload, headers, created_at.
-    Envelope,
-}
+/// What a message body (SQS) or an event's detail (EventBridge) contains: the core's choice,
+/// the same for every kind.
+pub use outbox::publisher::BodyFormat;
 
 /// The AWS kinds of destination.
 pub const KINDS: &[&str] = &["sqs", "eventbridge"];

@@ -10,11 +10,10 @@
 use async_trait::async_trait;
 use aws_sdk_eventbridge::primitives::DateTime;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
-use outbox::publisher::envelope_json;
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 
 use crate::claim_check::Offloader;
-use crate::config::{render_template, BodyFormat, EventBridgeDestination, Profile};
+use crate::config::{render_template, EventBridgeDestination, Profile};
 use crate::errors::{classify, is_throttling_code, is_transient_code, service_code};
 use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
 
@@ -52,10 +51,7 @@ impl EventBridgePublisher {
     }
 
     fn detail(&self, event: &OutboxEvent) -> String {
-        match self.config.detail {
-            BodyFormat::Payload => event.payload.get().to_owned(),
-            BodyFormat::Envelope => envelope_json(event),
-        }
+        self.config.detail.render(event)
     }
 }
 

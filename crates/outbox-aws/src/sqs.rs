@@ -18,12 +18,11 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
-use outbox::publisher::envelope_json;
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use tokio::sync::OnceCell;
 
 use crate::claim_check::{Offloader, CLAIM_CHECK_ATTRIBUTE};
-use crate::config::{BodyFormat, Profile, SqsDestination};
+use crate::config::{Profile, SqsDestination};
 use crate::errors::{classify, is_throttling_code, is_transient_code, service_code};
 use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
 
@@ -110,10 +109,7 @@ impl SqsPublisher {
     }
 
     fn body(&self, event: &OutboxEvent) -> String {
-        match self.config.body {
-            BodyFormat::Payload => event.payload.get().to_owned(),
-            BodyFormat::Envelope => envelope_json(event),
-        }
+        self.config.body.render(event)
     }
 
     fn too_large(&self, event: &OutboxEvent, size: usize) -> PublishError {

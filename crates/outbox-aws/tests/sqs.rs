@@ -415,3 +415,118 @@ async fn oversized_payload_without_s3_dead_letters_with_the_size_and_the_limit()
     assert!(size > 10_000, "{error}");
     db.drop_db().await.unwrap();
 }
+
+/// The publisher conformance suite against a FIFO queue on the emulator, with CloudEvents bodies:
+/// the message's `outbox-event-id` attribute (and FIFO dedup id) is the event id, the headers
+/// travel as attributes, and the body is a CloudEvent carrying the same id and trace context.
+mod conformance {
+    use super::*;
+    use async_trait::async_trait;
+    use outbox::Publisher;
+    use outbox_testkit::conformance::{self, Fixture, Received, Receiver};
+    use std::collections::BTreeMap;
+
+    struct Fifo {
+        sqs: aws_sdk_sqs::Client,
+    }
+
+    struct QueueReceiver {
+        sqs: aws_sdk_sqs::Client,
+        url: String,
+        total: usize,
+    }
+
+    #[async_trait]
+    impl Receiver for QueueReceiver {
+        async fn receive(&mut self, n: usize, within: Duration) -> anyhow::Result<Vec<Received>> {
+            let wanted = n.saturating_sub(self.total);
+            let messages = receive(&self.sqs, &self.url, wanted, within, QUIET).await;
+            self.total += messages.len();
+            let mut out = Vec::new();
+            for m in &messages {
+                let headers: BTreeMap<String, String> = m
+                    .message_attributes()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let body = body_json(m);
+                let id = headers
+                    .get("outbox-event-id")
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("no outbox-event-id attribute"))?;
+                anyhow::ensure!(
+                    body["id"] == id.as_str() && body["specversion"] == "1.0",
+                    "the CloudEvent does not carry the event id: {body}"
+                );
+                anyhow::ensure!(
+                    m.attributes()
+                        .and_then(|a| a.get(
+                            &aws_sdk_sqs::types::MessageSystemAttributeName::MessageDeduplicationId
+                        ))
+                        .map(String::as_str)
+                        == Some(id.as_str()),
+                    "the FIFO deduplication id is not the event id"
+                );
+                out.push(Received {
+                    message_id: id,
+                    headers,
+                    body,
+                });
+            }
+            Ok(out)
+        }
+    }
+
+    fn config(queue: &str, endpoint: &str) -> outbox::Config {
+        load_config(
+            &format!(
+                "[local]\ndefault_destination = \"q\"\n[local.destinations.q]\nkind = \"sqs\"\nqueue = \"{queue}\"\nbody = \"cloudevents\"\nmax_message_bytes = 65536\n[local.aws]\nendpoint = \"{endpoint}\"\n"
+            ),
+            "local",
+        )
+    }
+
+    #[async_trait]
+    impl Fixture for Fifo {
+        async fn fresh(&self) -> anyhow::Result<(Box<dyn Publisher>, Box<dyn Receiver>)> {
+            let queue = format!("{}.fifo", unique("conf"));
+            let config = config(&queue, &endpoint());
+            bootstrap(&config).await?;
+            let url = queue_url(&self.sqs, &queue).await;
+            let publisher = publisher_from_config(&config).await?;
+            let receiver = QueueReceiver {
+                sqs: self.sqs.clone(),
+                url,
+                total: 0,
+            };
+            Ok((publisher, Box::new(receiver)))
+        }
+
+        async fn unreachable(&self) -> anyhow::Result<Box<dyn Publisher>> {
+            let config = config("down.fifo", "http://127.0.0.1:1");
+            Ok(publisher_from_config(&config).await?)
+        }
+
+        async fn missing(&self) -> anyhow::Result<(Box<dyn Publisher>, String)> {
+            let queue = format!("{}.fifo", unique("missing"));
+            let config = config(&queue, &endpoint());
+            Ok((publisher_from_config(&config).await?, queue))
+        }
+
+        fn oversized_payload_bytes(&self) -> Option<usize> {
+            Some(70_000)
+        }
+    }
+
+    #[tokio::test]
+    async fn sqs_passes_the_conformance_suite() {
+        require_emulator().await;
+        let config = config("unused.fifo", &endpoint());
+        let sqs = sqs(&AwsConfig::from_config(&config).unwrap().settings()).await;
+        let db = TestDb::new().await.unwrap();
+        conformance::run(&Fifo { sqs }, &db).await.unwrap();
+    }
+}

@@ -4,6 +4,8 @@
 //!   per key per request, a key stops at its first failure, request count and byte limits).
 //! - [`routing`]: one relay, several named destinations of any kinds (`[destinations]`,
 //!   `[[routes]]`, `default_destination`).
+//! - [`envelope`]: what a message body holds (payload, the outbox envelope, or a CloudEvent),
+//!   the same choice for every kind.
 //! - [`registry`]: how a publisher kind plugs in ([`PublisherFactory`]) and how a program builds
 //!   the configured publisher in one call ([`Registry::build`]).
 //! - the built-in kinds `stdout`, `file` and `null` ([`StdoutPublisher`], [`FilePublisher`]), and
@@ -41,11 +43,13 @@ use crate::event::{OrderingKey, OutboxEvent};
 
 pub mod batch;
 mod builtin;
+pub mod envelope;
 mod memory;
 pub mod registry;
 pub mod routing;
 
 pub use builtin::{Builtin, FilePublisher, StdoutPublisher};
+pub use envelope::{envelope_json, BodyFormat};
 pub use memory::{Fault, MemoryPublisher};
 pub use registry::{BuildError, DestinationRef, PublisherFactory, Registry};
 pub use routing::{RouteConfig, Router, Routes};
@@ -183,9 +187,4 @@ where
         results.push(result);
     }
     results
-}
-
-/// Renders the documented JSON envelope of an event, one line, no trailing newline.
-pub fn envelope_json(event: &OutboxEvent) -> String {
-    serde_json::to_string(event).expect("an OutboxEvent always serializes")
 }
