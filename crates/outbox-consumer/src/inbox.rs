@@ -8,6 +8,27 @@
 //! error rolls both back: the event is not marked seen and SQS redelivers it. Two copies handled
 //! at once serialise on the primary key: the second insert waits for the first transaction and
 //! then finds the row (or, if the first rolled back, proceeds).
+//!
+//! The same guarantee for any broker's own client (Kafka, NATS, RabbitMQ, HTTP): the event id
+//! travels with every message (a header or the message id), and [`PgInbox::first_time`] is
+//! "apply this event id in this transaction once":
+//!
+//! ```no_run
+//! # async fn example(inbox: outbox_consumer::PgInbox, event_id: uuid::Uuid) -> Result<(), Box<dyn std::error::Error>> {
+//! let mut tx = inbox.pool().begin().await?;
+//! if inbox.first_time(&mut tx, event_id).await? {
+//!     // ... the handler's writes, on `tx` ...
+//! }
+//! tx.commit().await?; // then acknowledge the message to the broker
+//! # Ok(()) }
+//! ```
+//!
+//! The table grows with every event: [`PgInbox::purge_older_than`] deletes the marks older than
+//! the longest time the broker can redeliver a message (SQS keeps a message at most 14 days; a
+//! Kafka consumer group can re-read what the topic retains). A mark deleted too early lets a late
+//! redelivery apply twice; keep them at least that long.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::{PgConnection, PgPool};
@@ -88,7 +109,78 @@ impl PgInbox {
         ))
         .execute(&self.pool)
         .await?;
+        // For purge_older_than: without it, each purge scans the whole table.
+        sqlx::query(&format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {} (received_at)",
+            self.index_name(),
+            self.table
+        ))
+        .execute(&self.pool)
+        .await?;
         Ok(())
+    }
+
+    fn index_name(&self) -> String {
+        format!(
+            "{}_received_at",
+            self.table.rsplit('.').next().unwrap_or(&self.table)
+        )
+    }
+
+    /// Records `event_id` as applied by this consumer in `tx`; `true` the first time, `false` for a
+    /// duplicate (applied before, or being applied by a transaction that then commits). Apply the
+    /// event's effects on the same `tx` only when it returns `true`; rolling `tx` back forgets the
+    /// mark with the effects. Works with any broker: only the event id is needed.
+    pub async fn first_time(
+        &self,
+        tx: &mut PgConnection,
+        event_id: Uuid,
+    ) -> Result<bool, InboxError> {
+        self.record(tx, event_id, None, None).await
+    }
+
+    async fn record(
+        &self,
+        tx: &mut PgConnection,
+        event_id: Uuid,
+        event_type: Option<&str>,
+        message_id: Option<&str>,
+    ) -> Result<bool, InboxError> {
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO {} (consumer, event_id, event_type, message_id) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+            self.table
+        ))
+        .bind(&self.consumer)
+        .bind(event_id)
+        .bind(event_type)
+        .bind(message_id)
+        .execute(tx)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    /// Deletes this consumer's marks older than `age`, in batches of 10,000 (short transactions);
+    /// returns how many were deleted. See the module docs for how long to keep them.
+    pub async fn purge_older_than(&self, age: Duration) -> Result<u64, InboxError> {
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(&format!(
+                "DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} \
+                 WHERE consumer = $1 AND received_at < now() - make_interval(secs => $2) LIMIT 10000)",
+                table = self.table
+            ))
+            .bind(&self.consumer)
+            .bind(age.as_secs_f64())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            total += deleted;
+            if deleted < 10_000 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Whether the event was applied by this consumer.
@@ -127,19 +219,13 @@ impl PgInbox {
         tx: &mut PgConnection,
         delivery: &Delivery,
     ) -> Result<bool, InboxError> {
-        let inserted = sqlx::query(&format!(
-            "INSERT INTO {} (consumer, event_id, event_type, message_id) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT DO NOTHING",
-            self.table
-        ))
-        .bind(&self.consumer)
-        .bind(delivery.event_id)
-        .bind(&delivery.event_type)
-        .bind(&delivery.message_id)
-        .execute(tx)
-        .await?
-        .rows_affected();
-        Ok(inserted == 1)
+        self.record(
+            tx,
+            delivery.event_id,
+            delivery.event_type.as_deref(),
+            Some(delivery.message_id.as_str()),
+        )
+        .await
     }
 }
 

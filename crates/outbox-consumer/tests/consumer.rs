@@ -479,3 +479,52 @@ async fn a_stop_during_a_long_poll_abandons_no_message() {
     assert_eq!(depth(&f.clients.sqs, &f.queue_url).await, 0);
     db.drop_db().await.unwrap();
 }
+
+/// The broker-independent API, as a Kafka or NATS consumer would use it with its own client: a
+/// message redelivered (same event id) is applied once, a rolled-back attempt leaves no mark, and
+/// the retention purge removes only marks older than asked.
+#[tokio::test]
+async fn first_time_applies_a_redelivered_event_once_for_any_broker_and_old_marks_are_purged() {
+    let (_db, pool) = applied_db().await;
+    let inbox = PgInbox::new(pool.clone(), "any-broker");
+    inbox.migrate().await.unwrap();
+    let event_id = uuid::Uuid::now_v7();
+    // An attempt that fails after the mark: rolled back, so the redelivery applies it.
+    let mut tx = pool.begin().await.unwrap();
+    assert!(inbox.first_time(&mut tx, event_id).await.unwrap());
+    tx.rollback().await.unwrap();
+    assert!(!inbox.seen(event_id).await.unwrap());
+    for _delivery in 0..3 {
+        let mut tx = pool.begin().await.unwrap();
+        if inbox.first_time(&mut tx, event_id).await.unwrap() {
+            sqlx::query("INSERT INTO applied (event_id, receive_count) VALUES ($1, 1)")
+                .bind(event_id)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(
+        applied(&pool).await,
+        1,
+        "applied once over three deliveries"
+    );
+
+    let old = uuid::Uuid::now_v7();
+    let mut tx = pool.begin().await.unwrap();
+    assert!(inbox.first_time(&mut tx, old).await.unwrap());
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE inbox SET received_at = now() - interval '20 days' WHERE event_id = $1")
+        .bind(old)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let purged = inbox
+        .purge_older_than(Duration::from_secs(14 * 24 * 3600))
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert!(!inbox.seen(old).await.unwrap());
+    assert!(inbox.seen(event_id).await.unwrap(), "recent marks stay");
+}
