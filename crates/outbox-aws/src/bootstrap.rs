@@ -70,6 +70,9 @@ pub async fn bootstrap_with(
             DestinationConfig::Sqs(sqs) => {
                 ensure_queue(clients, sqs.queue_name(), &mut report).await?;
             }
+            DestinationConfig::Sns(sns) => {
+                ensure_topic(clients, sns.topic_name(), &mut report).await?;
+            }
             DestinationConfig::Eventbridge(eb) => ensure_bus(clients, &eb.bus, &mut report).await?,
         }
     }
@@ -172,6 +175,42 @@ pub async fn ensure_queue(
 /// The bus name of a name or ARN (`arn:aws:events:…:event-bus/NAME`).
 fn bus_name(bus: &str) -> &str {
     bus.rsplit_once("event-bus/").map_or(bus, |(_, name)| name)
+}
+
+/// Creates an SNS topic (FIFO when its name ends in `.fifo`); CreateTopic is idempotent and returns
+/// the topic's ARN.
+pub(crate) async fn ensure_topic(
+    clients: &AwsClients,
+    name: &str,
+    report: &mut BootstrapReport,
+) -> Result<String, BootstrapError> {
+    let what = format!("sns topic {name}");
+    let existing = crate::sns::find_topic_arn(&clients.sns, name)
+        .await
+        .map_err(|reason| BootstrapError::Aws {
+            what: what.clone(),
+            reason,
+        })?;
+    if let Some(arn) = existing {
+        report.existing.push(what);
+        return Ok(arn);
+    }
+    let mut request = clients.sns.create_topic().name(name);
+    if name.ends_with(".fifo") {
+        request = request.attributes("FifoTopic", "true");
+    }
+    let arn = request
+        .send()
+        .await
+        .map_err(|e| aws_error(what.clone(), &e))?
+        .topic_arn()
+        .map(str::to_owned)
+        .ok_or_else(|| BootstrapError::Aws {
+            what: what.clone(),
+            reason: "CreateTopic returned no ARN".into(),
+        })?;
+    report.created.push(what);
+    Ok(arn)
 }
 
 async fn ensure_bus(

@@ -24,6 +24,8 @@ pub mod limits {
     pub const SQS_MAX_ENTRIES: usize = 10;
     /// SQS: message attributes per message.
     pub const SQS_MAX_ATTRIBUTES: usize = 10;
+    /// SNS: largest message (body + attributes), and the largest `PublishBatch` (256 KiB).
+    pub const SNS_MAX_MESSAGE_BYTES: usize = 262_144;
     /// EventBridge: largest `PutEvents` entry, and the largest request (sum of its entries): 256 KiB.
     pub const EVENTBRIDGE_MAX_ENTRY_BYTES: usize = 262_144;
     pub const EVENTBRIDGE_MAX_REQUEST_BYTES: usize = 262_144;
@@ -138,6 +140,7 @@ pub struct AwsSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceEndpoints {
     pub sqs: Option<String>,
+    pub sns: Option<String>,
     pub eventbridge: Option<String>,
     pub s3: Option<String>,
     pub dynamodb: Option<String>,
@@ -231,7 +234,7 @@ fn default_bus() -> String {
 pub use outbox::publisher::BodyFormat;
 
 /// The AWS kinds of destination.
-pub const KINDS: &[&str] = &["sqs", "eventbridge"];
+pub const KINDS: &[&str] = &["sqs", "sns", "eventbridge"];
 
 /// `[destinations.NAME]` of an AWS kind.
 #[derive(Debug, Clone, Serialize)]
@@ -239,6 +242,8 @@ pub const KINDS: &[&str] = &["sqs", "eventbridge"];
 pub enum DestinationConfig {
     /// An SQS queue; a name ending in `.fifo` is a FIFO queue.
     Sqs(SqsDestination),
+    /// An SNS topic; a name ending in `.fifo` is a FIFO topic.
+    Sns(SnsDestination),
     /// An EventBridge event bus.
     Eventbridge(EventBridgeDestination),
 }
@@ -248,6 +253,7 @@ impl DestinationConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Sqs(_) => "sqs",
+            Self::Sns(_) => "sns",
             Self::Eventbridge(_) => "eventbridge",
         }
     }
@@ -256,6 +262,7 @@ impl DestinationConfig {
     pub fn read(d: &DestinationRef<'_>) -> Result<Option<Self>, outbox::ConfigError> {
         Ok(match d.kind {
             "sqs" => Some(Self::Sqs(d.settings()?)),
+            "sns" => Some(Self::Sns(d.settings()?)),
             "eventbridge" => Some(Self::Eventbridge(d.settings()?)),
             _ => None,
         })
@@ -265,6 +272,7 @@ impl DestinationConfig {
     pub fn max_payload_bytes(&self) -> usize {
         match self {
             Self::Sqs(sqs) => sqs.max_message_bytes,
+            Self::Sns(sns) => sns.max_message_bytes,
             Self::Eventbridge(eb) => eb.max_entry_bytes,
         }
     }
@@ -322,6 +330,45 @@ fn sqs_max_entries() -> usize {
 }
 fn sqs_max_attributes() -> usize {
     limits::SQS_MAX_ATTRIBUTES
+}
+
+/// `kind = "sns"`: an SNS topic, published with `PublishBatch`; the same attributes and body
+/// choices as SQS, FIFO topics with the ordering key as message group and the event id as
+/// deduplication id.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnsDestination {
+    /// Topic name (looked up once with ListTopics) or topic ARN.
+    pub topic: String,
+    #[serde(default)]
+    pub body: BodyFormat,
+    #[serde(default = "sns_max_message_bytes")]
+    pub max_message_bytes: usize,
+    #[serde(default = "sns_max_message_bytes")]
+    pub max_request_bytes: usize,
+    #[serde(default = "sqs_max_entries")]
+    pub max_entries: usize,
+    #[serde(default = "sqs_max_attributes")]
+    pub max_attributes: usize,
+}
+
+impl SnsDestination {
+    /// FIFO topics are the ones whose name ends in `.fifo`.
+    pub fn is_fifo(&self) -> bool {
+        self.topic_name().ends_with(".fifo")
+    }
+    /// The topic's name, also when `topic` is an ARN (`arn:aws:sns:region:account:name`).
+    pub fn topic_name(&self) -> &str {
+        self.topic.rsplit(':').next().unwrap_or(&self.topic)
+    }
+    /// Whether `topic` is an ARN.
+    pub fn is_arn(&self) -> bool {
+        self.topic.starts_with("arn:")
+    }
+}
+
+fn sns_max_message_bytes() -> usize {
+    limits::SNS_MAX_MESSAGE_BYTES
 }
 
 /// `kind = "eventbridge"`
@@ -414,6 +461,7 @@ impl AwsSettings {
         let endpoints = [
             ("aws.endpoint", &aws.endpoint),
             ("aws.endpoints.sqs", &aws.endpoints.sqs),
+            ("aws.endpoints.sns", &aws.endpoints.sns),
             ("aws.endpoints.eventbridge", &aws.endpoints.eventbridge),
             ("aws.endpoints.s3", &aws.endpoints.s3),
             ("aws.endpoints.dynamodb", &aws.endpoints.dynamodb),
@@ -652,6 +700,53 @@ fn validate_destination(
                 ));
             }
         }
+        DestinationConfig::Sns(sns) => {
+            let topic = sns.topic_name();
+            if topic.is_empty()
+                || topic.len() > 256
+                || !topic
+                    .trim_end_matches(".fifo")
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                problems.push(AwsConfigError::value(
+                    key("topic"),
+                    format!("{:?} is not a topic name or ARN", sns.topic),
+                    "use a topic name (letters, digits, - and _, up to 256, `.fifo` suffix for FIFO) or its ARN",
+                ));
+            }
+            problems
+                .extend(positive("max_entries", sns.max_entries, limits::SQS_MAX_ENTRIES).err());
+            if !(crate::sqs::FIXED_ATTRIBUTES..=limits::SQS_MAX_ATTRIBUTES)
+                .contains(&sns.max_attributes)
+            {
+                problems.push(AwsConfigError::value(
+                    key("max_attributes"),
+                    format!("{} is out of range", sns.max_attributes),
+                    format!(
+                        "use {} to {}",
+                        crate::sqs::FIXED_ATTRIBUTES,
+                        limits::SQS_MAX_ATTRIBUTES
+                    ),
+                ));
+            }
+            for (field, value) in [
+                ("max_message_bytes", sns.max_message_bytes),
+                ("max_request_bytes", sns.max_request_bytes),
+            ] {
+                problems.extend(positive(field, value, 64 * limits::SNS_MAX_MESSAGE_BYTES).err());
+            }
+            if sns.max_message_bytes > sns.max_request_bytes {
+                problems.push(AwsConfigError::value(
+                    key("max_message_bytes"),
+                    format!(
+                        "{} is over max_request_bytes ({})",
+                        sns.max_message_bytes, sns.max_request_bytes
+                    ),
+                    "a message must fit in a request: lower max_message_bytes",
+                ));
+            }
+        }
         DestinationConfig::Eventbridge(eb) => {
             if eb.bus.is_empty() {
                 problems.push(AwsConfigError::value(
@@ -841,6 +936,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("destinations.orders.max_entries"), "{err}");
+        let err = load(
+            &format!(
+                "{BASE}\n[default.destinations.topic]\nkind = \"sns\"\ntopic = \"bad topic\"\nmax_message_bytes = 300000\nmax_request_bytes = 262144\n"
+            ),
+            "local",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("destinations.topic.topic")
+                && err.contains("destinations.topic.max_message_bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod claim_check;
 pub mod config;
 pub mod eventbridge;
 pub mod sdk;
+pub mod sns;
 pub mod sqs;
 
 mod errors;
@@ -35,12 +36,14 @@ pub use claim_check::{resolve_payload, ClaimCheck, ResolveError};
 pub use config::{AwsConfig, AwsConfigError, AwsSettings, DestinationConfig, Profile};
 pub use eventbridge::EventBridgePublisher;
 pub use sdk::{sdk_config, AwsClients};
+pub use sns::SnsPublisher;
 pub use sqs::SqsPublisher;
 
 use crate::claim_check::Offloader;
 use crate::sdk::{effective_endpoint, Service};
 
-/// The AWS publisher kinds: `sqs` (standard and FIFO queues) and `eventbridge` (buses), with the
+/// The AWS publisher kinds: `sqs` (standard and FIFO queues), `sns` (standard and FIFO topics) and
+/// `eventbridge` (buses), with the
 /// shared `[aws]` section (region, endpoints for the local profile, S3 claim check).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Aws;
@@ -133,6 +136,14 @@ pub fn build_destinations(
                     offloader.clone(),
                     aws.profile,
                     effective_endpoint(&settings, Service::Sqs),
+                )),
+                DestinationConfig::Sns(sns) => Box::new(SnsPublisher::new(
+                    name,
+                    sns.clone(),
+                    clients.sns.clone(),
+                    offloader.clone(),
+                    aws.profile,
+                    effective_endpoint(&settings, Service::Sns),
                 )),
                 DestinationConfig::Eventbridge(eb) => Box::new(EventBridgePublisher::new(
                     name,

@@ -15,6 +15,7 @@ use crate::config::{AwsConfigError, AwsSettings, LOCAL_DEFAULT_ENDPOINT, LOCAL_D
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     Sqs,
+    Sns,
     EventBridge,
     S3,
     DynamoDb,
@@ -25,6 +26,7 @@ impl Service {
     fn env_suffix(self) -> &'static str {
         match self {
             Self::Sqs => "SQS",
+            Self::Sns => "SNS",
             Self::EventBridge => "EVENTBRIDGE",
             Self::S3 => "S3",
             Self::DynamoDb => "DYNAMODB",
@@ -73,6 +75,7 @@ pub fn endpoint_override(settings: &AwsSettings, service: Service) -> Option<Str
     }
     let configured = match service {
         Service::Sqs => &settings.aws.endpoints.sqs,
+        Service::Sns => &settings.aws.endpoints.sns,
         Service::EventBridge => &settings.aws.endpoints.eventbridge,
         Service::S3 => &settings.aws.endpoints.s3,
         Service::DynamoDb => &settings.aws.endpoints.dynamodb,
@@ -104,6 +107,8 @@ fn env_nonempty(name: &str) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct AwsClients {
     pub sqs: aws_sdk_sqs::Client,
+    /// SNS topics (`kind = "sns"`).
+    pub sns: aws_sdk_sns::Client,
     pub eventbridge: aws_sdk_eventbridge::Client,
     pub s3: aws_sdk_s3::Client,
     pub dynamodb: aws_sdk_dynamodb::Client,
@@ -119,6 +124,7 @@ impl AwsClients {
     pub fn from_sdk_config(shared: &SdkConfig, settings: &AwsSettings) -> Self {
         Self {
             sqs: sqs_client(shared, settings),
+            sns: sns_client(shared, settings),
             eventbridge: eventbridge_client(shared, settings),
             s3: s3_client(shared, settings),
             dynamodb: dynamodb_client(shared, settings),
@@ -133,6 +139,15 @@ pub fn sqs_client(shared: &SdkConfig, settings: &AwsSettings) -> aws_sdk_sqs::Cl
         builder = builder.endpoint_url(url);
     }
     aws_sdk_sqs::Client::from_conf(builder.build())
+}
+
+/// An SNS client for the settings' profile.
+pub fn sns_client(shared: &SdkConfig, settings: &AwsSettings) -> aws_sdk_sns::Client {
+    let mut builder = aws_sdk_sns::config::Builder::from(shared);
+    if let Some(url) = endpoint_override(settings, Service::Sns) {
+        builder = builder.endpoint_url(url);
+    }
+    aws_sdk_sns::Client::from_conf(builder.build())
 }
 
 pub fn eventbridge_client(

@@ -337,6 +337,12 @@ pub(crate) fn entry_error(
         if sender_fault { " (sender fault)" } else { "" },
         message.unwrap_or("no message")
     );
+    classify_entry(reason, sender_fault, code)
+}
+
+/// The scope of a per-entry failure of a batch call (SQS, SNS): throttling is the destination's;
+/// a sender fault is the event's for good unless its code is transient; the rest may pass later.
+pub(crate) fn classify_entry(reason: String, sender_fault: bool, code: &str) -> PublishError {
     if is_throttling_code(code) {
         PublishError::unavailable(reason)
     } else if sender_fault && !is_transient_code(code) {
@@ -351,14 +357,28 @@ pub(crate) fn attributes_for(
     event: &OutboxEvent,
     max_attributes: usize,
 ) -> (HashMap<String, MessageAttributeValue>, Vec<String>) {
-    let mut attributes = HashMap::with_capacity(max_attributes);
+    let (pairs, dropped) = attribute_pairs(event, max_attributes);
+    let attributes = pairs
+        .into_iter()
+        .map(|(name, value)| (name, string_attribute(&value)))
+        .collect();
+    (attributes, dropped)
+}
+
+/// The string attributes of an event's message (SQS and SNS share the rules) and the names of the
+/// headers left out.
+pub(crate) fn attribute_pairs(
+    event: &OutboxEvent,
+    max_attributes: usize,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut attributes = Vec::with_capacity(max_attributes);
     for (name, value) in [
         (ATTR_EVENT_ID, event.id.to_string()),
         (ATTR_EVENT_TYPE, event.event_type.clone()),
         (ATTR_AGGREGATE_TYPE, event.aggregate_type.clone()),
         (ATTR_AGGREGATE_ID, event.aggregate_id.clone()),
     ] {
-        attributes.insert(name.to_owned(), string_attribute(&value));
+        attributes.push((name.to_owned(), value));
     }
     let mut budget = max_attributes.saturating_sub(FIXED_ATTRIBUTES);
     let mut dropped = Vec::new();
@@ -375,7 +395,7 @@ pub(crate) fn attributes_for(
             && !value.is_empty()
             && value.chars().all(valid_sqs_char);
         if usable && budget > 0 {
-            attributes.insert(name.clone(), string_attribute(value));
+            attributes.push((name.clone(), value.clone()));
             budget -= 1;
         } else {
             dropped.push(name.clone());
@@ -390,6 +410,14 @@ fn string_attribute(value: &str) -> MessageAttributeValue {
         .string_value(value)
         .build()
         .unwrap_or_else(|_| unreachable!("data_type is set"))
+}
+
+/// What SQS and SNS count for string attributes: name, data type ("String") and value of each.
+pub(crate) fn pairs_size(attributes: &[(String, String)]) -> usize {
+    attributes
+        .iter()
+        .map(|(name, value)| name.len() + "String".len() + value.len())
+        .sum()
 }
 
 /// What SQS counts for attributes: name, data type and value of each.

@@ -434,6 +434,9 @@ mod conformance {
         sqs: aws_sdk_sqs::Client,
         url: String,
         total: usize,
+        /// Whether the queue's FIFO deduplication id must be the event id (a queue the relay
+        /// sends to; a queue fed by SNS gets the id SNS sets).
+        fifo_dedup: bool,
     }
 
     #[async_trait]
@@ -462,12 +465,15 @@ mod conformance {
                     "the CloudEvent does not carry the event id: {body}"
                 );
                 anyhow::ensure!(
-                    m.attributes()
-                        .and_then(|a| a.get(
+                    !self.fifo_dedup
+                        || m.attributes()
+                            .and_then(|a| {
+                                a.get(
                             &aws_sdk_sqs::types::MessageSystemAttributeName::MessageDeduplicationId
-                        ))
-                        .map(String::as_str)
-                        == Some(id.as_str()),
+                        )
+                            })
+                            .map(String::as_str)
+                            == Some(id.as_str()),
                     "the FIFO deduplication id is not the event id"
                 );
                 out.push(Received {
@@ -501,6 +507,7 @@ mod conformance {
                 sqs: self.sqs.clone(),
                 url,
                 total: 0,
+                fifo_dedup: true,
             };
             Ok((publisher, Box::new(receiver)))
         }
@@ -519,6 +526,110 @@ mod conformance {
         fn oversized_payload_bytes(&self) -> Option<usize> {
             Some(70_000)
         }
+    }
+
+    /// SNS FIFO topics, read through an SQS FIFO queue subscribed with raw message delivery.
+    struct SnsFifo {
+        sqs: aws_sdk_sqs::Client,
+        sns: aws_sdk_sns::Client,
+    }
+
+    fn sns_config(topic: &str, endpoint: &str) -> outbox::Config {
+        load_config(
+            &format!(
+                "[local]\ndefault_destination = \"t\"\n[local.destinations.t]\nkind = \"sns\"\ntopic = \"{topic}\"\nbody = \"cloudevents\"\nmax_message_bytes = 65536\n[local.aws]\nendpoint = \"{endpoint}\"\n"
+            ),
+            "local",
+        )
+    }
+
+    #[async_trait]
+    impl Fixture for SnsFifo {
+        async fn fresh(&self) -> anyhow::Result<(Box<dyn Publisher>, Box<dyn Receiver>)> {
+            let topic = format!("{}.fifo", unique("conf-topic"));
+            let queue = format!("{}.fifo", unique("conf-sub"));
+            let config = sns_config(&topic, &endpoint());
+            bootstrap(&config).await?;
+            let url = self
+                .sqs
+                .create_queue()
+                .queue_name(&queue)
+                .attributes(QueueAttributeName::FifoQueue, "true")
+                .send()
+                .await?
+                .queue_url()
+                .unwrap_or_default()
+                .to_owned();
+            let queue_arn = self
+                .sqs
+                .get_queue_attributes()
+                .queue_url(&url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await?
+                .attributes()
+                .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+                .unwrap_or_default();
+            let topic_arn = self
+                .sns
+                .create_topic()
+                .name(&topic)
+                .attributes("FifoTopic", "true")
+                .send()
+                .await?
+                .topic_arn()
+                .unwrap_or_default()
+                .to_owned();
+            self.sns
+                .subscribe()
+                .topic_arn(topic_arn)
+                .protocol("sqs")
+                .endpoint(queue_arn)
+                .attributes("RawMessageDelivery", "true")
+                .send()
+                .await?;
+            let publisher = publisher_from_config(&config).await?;
+            let receiver = QueueReceiver {
+                sqs: self.sqs.clone(),
+                url,
+                total: 0,
+                fifo_dedup: false,
+            };
+            Ok((publisher, Box::new(receiver)))
+        }
+
+        async fn unreachable(&self) -> anyhow::Result<Box<dyn Publisher>> {
+            Ok(publisher_from_config(&sns_config("down.fifo", "http://127.0.0.1:1")).await?)
+        }
+
+        async fn missing(&self) -> anyhow::Result<(Box<dyn Publisher>, String)> {
+            let topic = format!("{}.fifo", unique("missing-topic"));
+            let config = sns_config(&topic, &endpoint());
+            Ok((publisher_from_config(&config).await?, topic))
+        }
+
+        fn oversized_payload_bytes(&self) -> Option<usize> {
+            Some(70_000)
+        }
+    }
+
+    #[tokio::test]
+    async fn sns_passes_the_conformance_suite() {
+        require_emulator().await;
+        let settings = AwsConfig::from_config(&sns_config("unused.fifo", &endpoint()))
+            .unwrap()
+            .settings();
+        let clients = outbox_aws::AwsClients::new(&settings).await.unwrap();
+        let db = TestDb::new().await.unwrap();
+        conformance::run(
+            &SnsFifo {
+                sqs: clients.sqs,
+                sns: clients.sns,
+            },
+            &db,
+        )
+        .await
+        .unwrap();
     }
 
     #[tokio::test]

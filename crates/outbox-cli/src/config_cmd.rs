@@ -137,6 +137,7 @@ mod aws {
         };
         let endpoints = [
             ("sqs", Service::Sqs),
+            ("sns", Service::Sns),
             ("eventbridge", Service::EventBridge),
             ("s3", Service::S3),
             ("dynamodb", Service::DynamoDb),
