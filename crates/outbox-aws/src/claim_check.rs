@@ -101,6 +101,38 @@ impl Offloader {
         })
     }
 
+    /// The body to send for an event: `body` itself when `size(&body)` is within `max`, else the
+    /// claim check of the body stored in S3 (`true`: offloaded), when that fits. Without an
+    /// offloader, or when even the claim check is too large, `too_large(size)` is the event's
+    /// error. Shared by every AWS kind: each passes how its broker counts a message's size.
+    pub(crate) async fn fit(
+        offloader: Option<&Offloader>,
+        event_id: uuid::Uuid,
+        body: String,
+        max: usize,
+        size: impl Fn(&str, bool) -> usize,
+        too_large: impl Fn(usize) -> outbox::PublishError,
+    ) -> Result<(String, bool), outbox::PublishError> {
+        let plain = size(&body, false);
+        if plain <= max {
+            return Ok((body, false));
+        }
+        let Some(offloader) = offloader else {
+            return Err(too_large(plain));
+        };
+        let check = offloader.store(event_id, body).await.map_err(|f| match f {
+            RequestFailure::Transient(r) => outbox::PublishError::unavailable(r),
+            RequestFailure::Content(r) => outbox::PublishError::permanent(r),
+        })?;
+        let body = check.to_body();
+        let offloaded = size(&body, true);
+        if offloaded > max {
+            // Only with absurdly low limits or huge headers: the claim check itself is too big.
+            return Err(too_large(offloaded));
+        }
+        Ok((body, true))
+    }
+
     /// Checks at start-up that the bucket exists and is reachable; the error gives the fix.
     pub async fn check(&self, profile: crate::config::Profile) -> Result<(), String> {
         let bucket = &self.config.bucket;
@@ -116,6 +148,27 @@ impl Offloader {
                 }
             )),
         }
+    }
+}
+
+/// The start-up check of a destination with an optional claim-check bucket: every problem of both.
+pub(crate) async fn check_with_bucket(
+    destination: Result<(), String>,
+    offloader: Option<&Offloader>,
+    profile: crate::config::Profile,
+) -> Result<(), outbox::PublishError> {
+    let bucket = match offloader {
+        Some(offloader) => offloader.check(profile).await,
+        None => Ok(()),
+    };
+    let problems: Vec<String> = [destination, bucket]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(outbox::PublishError::permanent(problems.join("; ")))
     }
 }
 

@@ -12,7 +12,7 @@ use aws_sdk_eventbridge::primitives::DateTime;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 
-use crate::claim_check::Offloader;
+use crate::claim_check::{check_with_bucket, Offloader};
 use crate::config::{render_template, EventBridgeDestination, Profile};
 use crate::errors::{classify, is_throttling_code, is_transient_code, service_code};
 use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
@@ -77,33 +77,24 @@ impl Sink for EventBridgePublisher {
     ) -> Result<Prepared<PutEventsRequestEntry>, PublishError> {
         let source = render_template(&self.config.source, event);
         let detail_type = render_template(&self.config.detail_type, event);
-        let mut detail = self.detail(event);
-        let mut size = entry_size(&source, &detail_type, &detail);
-        if size > self.config.max_entry_bytes {
-            let too_large = |size: usize| {
-                PublishError::permanent(format!(
-                    "event {} makes an EventBridge entry of {size} bytes, over the limit of {} bytes of \
-                     destination `{}` (destinations.{}.max_entry_bytes): configure [aws.large_payloads] \
-                     bucket to offload large payloads to S3, or make the event smaller",
-                    event.id, self.config.max_entry_bytes, self.name, self.name
-                ))
-            };
-            let Some(offloader) = &self.offloader else {
-                return Err(too_large(size));
-            };
-            let check = offloader
-                .store(event.id, detail)
-                .await
-                .map_err(|f| match f {
-                    RequestFailure::Transient(r) => PublishError::unavailable(r),
-                    RequestFailure::Content(r) => PublishError::permanent(r),
-                })?;
-            detail = check.to_body();
-            size = entry_size(&source, &detail_type, &detail);
-            if size > self.config.max_entry_bytes {
-                return Err(too_large(size));
-            }
-        }
+        let too_large = |size: usize| {
+            PublishError::permanent(format!(
+                "event {} makes an EventBridge entry of {size} bytes, over the limit of {} bytes of \
+                 destination `{}` (destinations.{}.max_entry_bytes): configure [aws.large_payloads] \
+                 bucket to offload large payloads to S3, or make the event smaller",
+                event.id, self.config.max_entry_bytes, self.name, self.name
+            ))
+        };
+        let (detail, _offloaded) = Offloader::fit(
+            self.offloader.as_ref(),
+            event.id,
+            self.detail(event),
+            self.config.max_entry_bytes,
+            |detail, _| entry_size(&source, &detail_type, detail),
+            too_large,
+        )
+        .await?;
+        let size = entry_size(&source, &detail_type, &detail);
         let entry = PutEventsRequestEntry::builder()
             .source(source)
             .detail_type(detail_type)
@@ -164,19 +155,11 @@ impl Publisher for EventBridgePublisher {
     }
 
     async fn check(&self) -> Result<(), PublishError> {
-        let destination = self.check_destination().await;
-        let bucket = match &self.offloader {
-            Some(offloader) => offloader.check(self.profile).await,
-            None => Ok(()),
-        };
-        match (destination, bucket) {
-            (Ok(()), Ok(())) => Ok(()),
-            (Err(e), Ok(())) => Err(e),
-            (Ok(()), Err(bucket)) => Err(PublishError::permanent(bucket)),
-            (Err(e), Err(bucket)) => {
-                Err(PublishError::permanent(format!("{}; {bucket}", e.reason())))
-            }
-        }
+        let destination = self
+            .check_destination()
+            .await
+            .map_err(|e| e.reason().to_owned());
+        check_with_bucket(destination, self.offloader.as_ref(), self.profile).await
     }
 }
 

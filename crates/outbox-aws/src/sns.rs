@@ -15,10 +15,10 @@ use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink}
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use tokio::sync::OnceCell;
 
-use crate::claim_check::{Offloader, CLAIM_CHECK_ATTRIBUTE};
+use crate::claim_check::{check_with_bucket, Offloader, CLAIM_CHECK_ATTRIBUTE};
 use crate::config::{Profile, SnsDestination};
 use crate::errors::{classify, error_chain, service_code};
-use crate::sqs::{attribute_pairs, classify_entry, group_id_for, pairs_size};
+use crate::sqs::{attribute_pairs, classify_entry, group_id_for, pairs_size, FLAG_SIZE};
 
 /// One SNS message before it gets its per-request id.
 #[derive(Debug, Clone)]
@@ -154,27 +154,24 @@ impl Sink for SnsPublisher {
     }
 
     async fn prepare(&self, event: &OutboxEvent) -> Result<Prepared<SnsEntry>, PublishError> {
-        let mut body = self.config.body.render(event);
         let (mut attributes, dropped) = attribute_pairs(event, self.config.max_attributes);
         if !dropped.is_empty() {
             tracing::debug!(id = %event.id, ?dropped, "headers not carried as SNS attributes");
         }
-        let mut size = body.len() + pairs_size(&attributes);
-        if size > self.config.max_message_bytes {
-            let Some(offloader) = &self.offloader else {
-                return Err(self.too_large(event, size));
-            };
-            let check = offloader.store(event.id, body).await.map_err(|f| match f {
-                RequestFailure::Transient(r) => PublishError::unavailable(r),
-                RequestFailure::Content(r) => PublishError::permanent(r),
-            })?;
-            body = check.to_body();
+        let fixed = pairs_size(&attributes);
+        let (body, offloaded) = Offloader::fit(
+            self.offloader.as_ref(),
+            event.id,
+            self.config.body.render(event),
+            self.config.max_message_bytes,
+            |body, flagged| body.len() + fixed + if flagged { FLAG_SIZE } else { 0 },
+            |size| self.too_large(event, size),
+        )
+        .await?;
+        if offloaded {
             attributes.push((CLAIM_CHECK_ATTRIBUTE.to_owned(), "s3".to_owned()));
-            size = body.len() + pairs_size(&attributes);
-            if size > self.config.max_message_bytes {
-                return Err(self.too_large(event, size));
-            }
         }
+        let size = body.len() + pairs_size(&attributes);
         let (group_id, dedup_id) = if self.config.is_fifo() {
             (Some(group_id_for(event)), Some(event.id.to_string()))
         } else {
@@ -317,14 +314,6 @@ impl Publisher for SnsPublisher {
                 )),
             }
         };
-        let bucket = match &self.offloader {
-            Some(offloader) => offloader.check(self.profile).await,
-            None => Ok(()),
-        };
-        match (destination, bucket) {
-            (Ok(()), Ok(())) => Ok(()),
-            (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(PublishError::permanent(e)),
-            (Err(e), Err(bucket)) => Err(PublishError::permanent(format!("{e}; {bucket}"))),
-        }
+        check_with_bucket(destination, self.offloader.as_ref(), self.profile).await
     }
 }

@@ -21,7 +21,7 @@ use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageB
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use tokio::sync::OnceCell;
 
-use crate::claim_check::{Offloader, CLAIM_CHECK_ATTRIBUTE};
+use crate::claim_check::{check_with_bucket, Offloader, CLAIM_CHECK_ATTRIBUTE};
 use crate::config::{Profile, SqsDestination};
 use crate::errors::{classify, is_throttling_code, is_transient_code, service_code};
 use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
@@ -32,6 +32,8 @@ pub const ATTR_AGGREGATE_TYPE: &str = "outbox-aggregate-type";
 pub const ATTR_AGGREGATE_ID: &str = "outbox-aggregate-id";
 /// Attributes every message carries, plus the reserved claim-check slot.
 pub(crate) const FIXED_ATTRIBUTES: usize = 5;
+/// What the claim-check flag attribute adds to a message's size.
+pub(crate) const FLAG_SIZE: usize = CLAIM_CHECK_ATTRIBUTE.len() + "String".len() + "s3".len();
 /// Largest `MessageGroupId` SQS accepts.
 const MAX_GROUP_ID: usize = 128;
 
@@ -147,28 +149,24 @@ impl Sink for SqsPublisher {
     }
 
     async fn prepare(&self, event: &OutboxEvent) -> Result<Prepared<SqsEntry>, PublishError> {
-        let mut body = self.body(event);
         let (mut attributes, dropped) = attributes_for(event, self.config.max_attributes);
         if !dropped.is_empty() {
             tracing::debug!(id = %event.id, ?dropped, "headers not carried as SQS attributes");
         }
-        let mut size = body.len() + attributes_size(&attributes);
-        if size > self.config.max_message_bytes {
-            let Some(offloader) = &self.offloader else {
-                return Err(self.too_large(event, size));
-            };
-            let check = offloader.store(event.id, body).await.map_err(|f| match f {
-                RequestFailure::Transient(r) => PublishError::unavailable(r),
-                RequestFailure::Content(r) => PublishError::permanent(r),
-            })?;
-            body = check.to_body();
+        let fixed = attributes_size(&attributes);
+        let (body, offloaded) = Offloader::fit(
+            self.offloader.as_ref(),
+            event.id,
+            self.body(event),
+            self.config.max_message_bytes,
+            |body, flagged| body.len() + fixed + if flagged { FLAG_SIZE } else { 0 },
+            |size| self.too_large(event, size),
+        )
+        .await?;
+        if offloaded {
             attributes.insert(CLAIM_CHECK_ATTRIBUTE.to_owned(), string_attribute("s3"));
-            size = body.len() + attributes_size(&attributes);
-            if size > self.config.max_message_bytes {
-                // Only with absurdly low limits or huge headers: the claim check itself is too big.
-                return Err(self.too_large(event, size));
-            }
         }
+        let size = body.len() + attributes_size(&attributes);
         let (group_id, dedup_id) = if self.is_fifo() {
             (Some(group_id_for(event)), Some(event.id.to_string()))
         } else {
@@ -249,19 +247,11 @@ impl Publisher for SqsPublisher {
     }
 
     async fn check(&self) -> Result<(), PublishError> {
-        let destination = self.check_destination().await;
-        let bucket = match &self.offloader {
-            Some(offloader) => offloader.check(self.profile).await,
-            None => Ok(()),
-        };
-        match (destination, bucket) {
-            (Ok(()), Ok(())) => Ok(()),
-            (Err(e), Ok(())) => Err(e),
-            (Ok(()), Err(bucket)) => Err(PublishError::permanent(bucket)),
-            (Err(e), Err(bucket)) => {
-                Err(PublishError::permanent(format!("{}; {bucket}", e.reason())))
-            }
-        }
+        let destination = self
+            .check_destination()
+            .await
+            .map_err(|e| e.reason().to_owned());
+        check_with_bucket(destination, self.offloader.as_ref(), self.profile).await
     }
 }
 
