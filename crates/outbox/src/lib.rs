@@ -62,6 +62,8 @@
 //! }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod event;
 #[cfg(feature = "logging")]
