@@ -13,6 +13,7 @@
 //! - [`relay`]: the engine ([`Relay`]): embedded ([`Relay::spawn`]), as a service
 //!   ([`Relay::run`]) or once per invocation ([`Relay::drain`]).
 //! - [`config`]: layered configuration with `local` / `dev` / `prod` profiles.
+//! - [`metrics`]: the names of the relay's metrics (recorded through the `metrics` facade).
 //! - `logging` (feature `logging`): the log set-up the project's binaries share.
 //!
 //! Broker publishers live in their own crates (`outbox-aws`), the CLI in `outbox-cli`.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod event;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod metrics;
 pub mod postgres;
 pub mod publisher;
 pub mod relay;
@@ -39,8 +41,11 @@ pub use postgres::{
 pub use publisher::{
     FilePublisher, MemoryPublisher, PublishError, PublishResult, Publisher, StdoutPublisher,
 };
-pub use relay::{Backoff, Relay, RelayHandle, RelayOptions, RelaySnapshot};
-pub use store::{Claim, Outcome, Store, StoreError};
+pub use relay::{
+    Backoff, DestinationStatus, Relay, RelayHandle, RelayHealth, RelayMonitor, RelayOptions,
+    RelaySnapshot,
+};
+pub use store::{Backlog, Claim, Outcome, Store, StoreError};
 
 /// A configuration or connection problem at start-up.
 #[derive(Debug, thiserror::Error)]
