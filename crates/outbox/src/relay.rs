@@ -31,6 +31,7 @@ use chrono::Utc;
 use futures_util::FutureExt;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::event::{OrderingKey, OutboxEvent};
 use crate::metrics as m;
@@ -639,7 +640,19 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     async fn cycle(&self) -> Result<BatchReport, StoreError> {
         let inner = &self.inner;
         let started = Instant::now();
-        let claim = inner.store.claim(inner.options.batch_size).await?;
+        // Debug-level spans: free under the default `info` filter, there for whoever traces.
+        let span = tracing::debug_span!(
+            "claim",
+            limit = inner.options.batch_size,
+            claimed = tracing::field::Empty,
+            first_id = tracing::field::Empty,
+            last_id = tracing::field::Empty
+        );
+        let claim = inner
+            .store
+            .claim(inner.options.batch_size)
+            .instrument(span.clone())
+            .await?;
         ::metrics::histogram!(m::CLAIM_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         inner
             .progress
@@ -652,6 +665,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
         ::metrics::histogram!(m::BATCH_EVENTS).record(claimed as f64);
         let events = claim.events();
+        if let (Some(first), Some(last)) = (events.first(), events.last()) {
+            span.record("claimed", claimed);
+            span.record("first_id", tracing::field::display(first.id));
+            span.record("last_id", tracing::field::display(last.id));
+        }
         let destinations: Vec<String> = events
             .iter()
             .map(|e| inner.publisher.destination_of(e))
@@ -667,7 +685,19 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             return Ok(BatchReport::default());
         }
         let (outcomes, recovered, counts) = self.outcomes(events, &destinations, results);
-        let report = claim.settle(&outcomes).await?;
+        let settle = tracing::debug_span!(
+            "settle",
+            events = outcomes.len(),
+            published = tracing::field::Empty,
+            retried = tracing::field::Empty,
+            deferred = tracing::field::Empty,
+            dead = tracing::field::Empty
+        );
+        let report = claim.settle(&outcomes).instrument(settle.clone()).await?;
+        settle.record("published", report.published);
+        settle.record("retried", report.retried);
+        settle.record("deferred", report.deferred);
+        settle.record("dead", report.dead);
         inner
             .progress
             .last_settle_ms
@@ -748,17 +778,30 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         events: &[OutboxEvent],
         destinations: impl Iterator<Item = &String>,
     ) -> Vec<PublishResult> {
-        let started = Instant::now();
-        let results = self.publish(events).await;
-        let seconds = started.elapsed().as_secs_f64();
         // Usually one destination per batch; a short list beats hashing.
         let mut seen: Vec<&String> = Vec::new();
         for destination in destinations {
             if !seen.contains(&destination) {
                 seen.push(destination);
-                ::metrics::histogram!(m::PUBLISH_DURATION_SECONDS, "destination" => destination.clone())
-                    .record(seconds);
             }
+        }
+        let span = tracing::debug_span!(
+            "publish",
+            destination = %DisplayList(&seen),
+            events = events.len(),
+            first_id = tracing::field::Empty,
+            last_id = tracing::field::Empty
+        );
+        if let (Some(first), Some(last)) = (events.first(), events.last()) {
+            span.record("first_id", tracing::field::display(first.id));
+            span.record("last_id", tracing::field::display(last.id));
+        }
+        let started = Instant::now();
+        let results = self.publish(events).instrument(span).await;
+        let seconds = started.elapsed().as_secs_f64();
+        for destination in seen {
+            ::metrics::histogram!(m::PUBLISH_DURATION_SECONDS, "destination" => destination.clone())
+                .record(seconds);
         }
         results
     }
@@ -1227,6 +1270,21 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 }
             }
         }
+    }
+}
+
+/// Destination names joined with `,` for a span field, formatted only when the span is recorded.
+struct DisplayList<'a>(&'a [&'a String]);
+
+impl std::fmt::Display for DisplayList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, name) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(name)?;
+        }
+        Ok(())
     }
 }
 
