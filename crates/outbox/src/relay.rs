@@ -834,20 +834,20 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// only the first event that failed or was held back gets an outcome that changes it; the
     /// later ones were not tried and are given back untouched (they wait behind it). Returns the
     /// destinations that came back in this batch.
-    fn outcomes(
+    fn outcomes<'d>(
         &self,
         events: &[OutboxEvent],
-        destinations: &[String],
+        destinations: &'d [String],
         results: Vec<Option<PublishResult>>,
     ) -> (
         Vec<Outcome>,
         Vec<String>,
-        HashMap<String, DestinationCounts>,
+        HashMap<&'d str, DestinationCounts>,
     ) {
         let options = &self.inner.options;
         let now = Instant::now();
         let acked_at = Utc::now();
-        let mut counts: HashMap<String, DestinationCounts> = HashMap::new();
+        let mut counts: HashMap<&'d str, DestinationCounts> = HashMap::new();
         let commit_to_publish = ::metrics::histogram!(m::COMMIT_TO_PUBLISH_SECONDS);
         let mut stopped_keys: HashSet<OrderingKey<'_>> = HashSet::new();
         let mut failed_now: HashMap<&str, String> = HashMap::new();
@@ -921,7 +921,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             };
             self.log_outcome(event, destination, &outcome);
             if !matches!(outcome, Outcome::Untouched) {
-                let c = counts.entry(destination.clone()).or_default();
+                let c = counts.entry(destination.as_str()).or_default();
                 match &outcome {
                     Outcome::Published => c.published += 1,
                     Outcome::Retry { .. } => c.failed_event += 1,
@@ -987,10 +987,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     /// Adds a settled batch's counts to the metrics and to the per-destination counts of
     /// [`Relay::health`]: one metrics update per destination and batch, not per event.
-    fn record_counts(&self, counts: HashMap<String, DestinationCounts>) {
+    fn record_counts(&self, counts: HashMap<&str, DestinationCounts>) {
         let mut totals = lock(&self.inner.progress.destinations);
         for (destination, c) in counts {
-            let label = || destination.clone();
+            let label = || destination.to_owned();
             if c.published > 0 {
                 ::metrics::counter!(m::EVENTS_PUBLISHED_TOTAL, "destination" => label())
                     .increment(c.published);
@@ -1008,7 +1008,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 ::metrics::counter!(m::EVENTS_DEAD_TOTAL, "destination" => label())
                     .increment(c.dead);
             }
-            let t = totals.entry(destination).or_default();
+            let t = totals.entry(destination.to_owned()).or_default();
             t.published += c.published;
             t.failed_event += c.failed_event;
             t.failed_destination += c.failed_destination;
