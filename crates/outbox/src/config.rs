@@ -1224,6 +1224,55 @@ mod tests {
     }
 
     #[test]
+    fn admin_settings_parse_and_a_remote_listener_needs_allow_remote() {
+        let config = load(
+            "[default.admin]\nlisten = \"127.0.0.1:9187\"\nmax_pending_age = \"5m\"\n",
+            "local",
+        )
+        .unwrap();
+        assert_eq!(config.admin.listen, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(config.admin.max_pending_age, Some(Duration::from_secs(300)));
+        assert_eq!(config.admin.stall_after, DEFAULT_STALL_AFTER);
+        assert!(config.admin.token.is_none());
+
+        let err = load("[default.admin]\nlisten = \"0.0.0.0:9187\"\n", "local").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("`admin.listen`") && text.contains("admin.allow_remote = true"),
+            "{text}"
+        );
+        let config = load(
+            "[default.admin]\nlisten = \"0.0.0.0:9187\"\nallow_remote = true\n",
+            "local",
+        )
+        .unwrap();
+        assert!(config.admin.allow_remote);
+
+        let err = load(
+            "[default.admin]\nmax_pending_age = \"0s\"\ntoken = \"Sh0rt\"\n",
+            "local",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("`admin.max_pending_age`") && text.contains("`admin.token`"),
+            "{text}"
+        );
+        assert!(!text.contains("Sh0rt"), "{text}");
+        let config = load(
+            "[default.admin]\ntoken = \"0123456789abcdef-secret\"\n",
+            "local",
+        )
+        .unwrap();
+        for shown in [
+            format!("{config:?}"),
+            serde_json::to_string(&config).unwrap(),
+        ] {
+            assert!(!shown.contains("0123456789abcdef-secret"), "{shown}");
+        }
+    }
+
+    #[test]
     fn database_urls_are_redacted() {
         let url = DatabaseUrl::new("postgres://app:s3cret@db:5432/app?sslmode=require&password=x2");
         for shown in [format!("{url:?}"), url.to_string(), url.redacted()] {
