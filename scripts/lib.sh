@@ -91,3 +91,35 @@ ensure_emulator() {
     fi
     bash "$ROOT/scripts/aws-emulator.sh" start >/dev/null
 }
+
+# A command from a Debian package, installed when missing (e.g. `ensure_command promtool prometheus`).
+# --no-install-recommends: only the command and what it needs (prometheus would bring exporters).
+ensure_command() {
+    local command="$1" package="$2"
+    command -v "$command" >/dev/null 2>&1 && return 0
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install $package by hand"
+    if [ "$apt_updated" -eq 0 ]; then
+        as_root apt-get update -qq >/dev/null || die "apt-get update failed"
+        apt_updated=1
+    fi
+    say "installing $package (for $command)"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$package" >/dev/null \
+        || die "apt-get install $package failed"
+    command -v "$command" >/dev/null 2>&1 || die "$package did not provide $command"
+}
+
+# What the web console's browser test needs: Debian's chromium, and playwright-core (a driver
+# without browsers of its own) from npm, kept under target/console-test.
+ensure_console_browser() {
+    ensure_command chromium chromium
+    ensure_command node nodejs
+    ensure_command npm npm
+    local dir="$CARGO_TARGET_DIR/console-test"
+    if [ ! -f "$dir/node_modules/playwright-core/package.json" ]; then
+        say "installing playwright-core into $dir"
+        mkdir -p "$dir"
+        (cd "$dir" && npm install --silent --no-audit --no-fund --prefix "$dir" playwright-core@1 >/dev/null) \
+            || die "npm install playwright-core failed"
+    fi
+    export OUTBOX_TEST_PLAYWRIGHT_DIR="$dir"
+}

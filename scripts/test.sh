@@ -10,7 +10,14 @@ cd "$ROOT"
 require_rust
 ensure_postgres
 ensure_emulator
+ensure_command promtool prometheus
+ensure_console_browser
 export DATABASE_URL="$ADMIN_DATABASE_URL"
+# The console's browser test fails instead of skipping when the browser is missing.
+export OUTBOX_TEST_REQUIRE_BROWSER=1
+
+say "testing the alert rules (promtool)"
+(cd ops/prometheus && promtool check rules alerts.yml && promtool test rules alerts.test.yml)
 
 say "running the test suite"
 cargo test --workspace --all-targets --no-fail-fast "$@"

@@ -61,6 +61,11 @@ struct Args {
         default_value = "http://127.0.0.1:4566"
     )]
     aws_endpoint: String,
+    /// Record the relay's metrics into a Prometheus recorder, as `outbox relay --admin-listen`
+    /// does (without it they go to the facade's no-op recorder): run once with and once without
+    /// to see what the metrics cost.
+    #[arg(long)]
+    metrics: bool,
 }
 
 #[tokio::main]
@@ -73,6 +78,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let metrics = if args.metrics {
+        Some(outbox_admin::prometheus()?)
+    } else {
+        None
+    };
     let started = Instant::now();
     let db = db::BenchDb::create(&args.database_url).await?;
     let mut report = report::Report::default();
@@ -80,10 +90,23 @@ async fn main() -> anyhow::Result<()> {
     let dropped = db.drop_db().await;
     report.print_results();
     println!(
-        "# mode={} total_s={:.1}",
+        "# mode={} total_s={:.1} metrics={}",
         if args.full { "full" } else { "quick" },
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if metrics.is_some() {
+            "prometheus"
+        } else {
+            "off"
+        }
     );
+    if let Some(handle) = metrics {
+        // Proof that the recorder saw the traffic: the published counter's lines.
+        for line in handle.render().lines() {
+            if line.starts_with("outbox_events_published_total") {
+                println!("# {line}");
+            }
+        }
+    }
     outcome?;
     dropped?;
     Ok(())

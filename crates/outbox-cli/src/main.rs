@@ -13,6 +13,7 @@ mod dead;
 mod out;
 mod relay_cmd;
 mod signals;
+mod status_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -106,12 +107,20 @@ enum Command {
         /// line, and the backlog), only when something changed; 0 turns it off.
         #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = relay_cmd::parse_summary_interval)]
         summary_interval: Duration,
+        /// Serve metrics, health checks, the admin API and the web console on ADDR (e.g.
+        /// 127.0.0.1:9187) [default: admin.listen; none]. Loopback only unless
+        /// admin.allow_remote = true.
+        #[arg(long, value_name = "ADDR")]
+        admin_listen: Option<std::net::SocketAddr>,
     },
-    /// Show the backlog: pending, retrying, dead, oldest pending age.
+    /// Show the backlog: pending, retrying, dead, oldest pending age, blocked keys.
     Status {
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Refresh every second with the rate events leave the backlog; Ctrl-C exits.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
     /// Inspect, replay or delete dead-lettered events.
     Dead {
@@ -328,6 +337,7 @@ async fn run(cli: Cli) -> Result<()> {
             publisher,
             drain,
             summary_interval,
+            admin_listen,
         } => {
             let mut config = config;
             if let Some(publisher) = publisher {
@@ -337,12 +347,14 @@ async fn run(cli: Cli) -> Result<()> {
                 config: &config,
                 drain,
                 summary_every: summary_interval,
+                admin_listen: admin_listen.or(config.admin.listen),
                 log_format: LOG_FORMAT.get().copied().unwrap_or_default(),
             }
             .run()
             .await
         }
-        Command::Status { json } => status(&config, json).await,
+        Command::Status { json, watch: false } => status(&config, json).await,
+        Command::Status { watch: true, .. } => status_cmd::watch(&config).await,
         Command::Dead { action } => dead::run(&config, action).await,
         Command::Adopt {
             table,
@@ -515,7 +527,20 @@ async fn status(config: &Config, json: bool) -> Result<()> {
         if let Some(key) = &status.oldest_blocked_key {
             println!("    oldest blocked key      {key}");
         }
+        println!("  keys blocked              {}", status.keys_blocked);
+        for key in &status.blocked_keys {
+            println!("    {key}");
+        }
+        if status.keys_blocked > status.blocked_keys.len() as i64 {
+            println!(
+                "    ... and {} more",
+                status.keys_blocked - status.blocked_keys.len() as i64
+            );
+        }
         println!("dead                        {}", status.dead);
+        for (destination, n) in &status.dead_by_destination {
+            println!("    {destination:<23} {n}");
+        }
         println!("published (retained)        {}", status.published_retained);
         println!(
             "oldest pending age          {:.1}s",

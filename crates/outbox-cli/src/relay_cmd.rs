@@ -25,6 +25,8 @@ pub struct RelayCommand<'a> {
     pub drain: bool,
     /// How often to log the summary line while running; zero turns it off.
     pub summary_every: Duration,
+    /// Where to serve the admin API (`--admin-listen`, else `admin.listen`); none: no listener.
+    pub admin_listen: Option<std::net::SocketAddr>,
     pub log_format: LogFormat,
 }
 
@@ -33,9 +35,21 @@ impl RelayCommand<'_> {
         let config = self.config;
         let publisher = crate::build_publisher(config).await?;
         let pool = crate::connect(config, "outbox-relay").await?;
+        if let Some(addr) = self.admin_listen {
+            config
+                .admin
+                .check_listen(addr)
+                .map_err(|problem| UsageError(anyhow::anyhow!("--admin-listen: {problem}")))?;
+        }
         let relay = outbox::relay_from_config(config, pool.clone(), publisher)
             .await
             .map_err(|e| UsageError(e.into()))?;
+        // Bound before the relay starts, so a taken port fails the start instead of a silent
+        // relay without its health checks.
+        let admin = match self.admin_listen {
+            Some(addr) => Some(start_admin(config, addr, pool.clone(), relay.monitor()).await?),
+            None => None,
+        };
         tracing::info!(
             mode = if self.drain { "drain" } else { "run" },
             profile = %config.profile,
@@ -86,10 +100,45 @@ impl RelayCommand<'_> {
         if let Some(task) = summary {
             task.abort();
         }
+        if let Some(task) = admin {
+            task.abort();
+        }
         // The relay logged its counters as it stopped.
         result.map_err(check)?;
         Ok(())
     }
+}
+
+/// Starts the admin listener (metrics, health, admin API, console) in the background.
+async fn start_admin(
+    config: &Config,
+    addr: std::net::SocketAddr,
+    pool: PgPool,
+    relay: std::sync::Arc<dyn outbox::RelayMonitor>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let metrics = outbox_admin::prometheus().context("starting the admin listener")?;
+    // Installed only now: the relay's info gauge was set before there was a recorder.
+    outbox::metrics::relay_info(&config.profile, config.schema.as_str());
+    let state = outbox_admin::AdminState::new(
+        pool,
+        config.schema.clone(),
+        Some(relay),
+        outbox_admin::AdminSettings::from_config(&config.admin),
+        Some(metrics),
+    );
+    let listener = outbox_admin::bind(addr).await?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(
+        address = %local,
+        mutations = if config.admin.token.is_some() { "enabled (bearer token)" } else { "disabled (no admin.token)" },
+        "admin listener: http://{local}/ (console), /metrics, /health/live, /health/ready, /api"
+    );
+    Ok(tokio::spawn(async move {
+        let router = outbox_admin::router(state);
+        if let Err(e) = outbox_admin::serve(listener, router, std::future::pending()).await {
+            tracing::error!(error = %e, "the admin listener stopped");
+        }
+    }))
 }
 
 /// Exit 0 only when the drain left nothing it could have published: no event waiting out a

@@ -1494,3 +1494,201 @@ async fn adopting_a_table_that_does_not_fit_names_the_problem_and_changes_nothin
     assert_eq!(triggers, 0, "--print installed a trigger");
     db.drop_db().await.unwrap();
 }
+
+/// A free loopback port (bound and released; the relay binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET over a fresh connection: status code and body, or `None` while nothing listens.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+#[tokio::test]
+async fn relay_admin_listener_serves_health_and_metrics_and_stays_on_loopback() {
+    let db = TestDb::new().await.unwrap();
+    enqueue(&db, 2, 3).await;
+
+    // Not loopback, not allowed: refused before anything runs, saying how to allow it.
+    let out = run(outbox(&db.url).args([
+        "relay",
+        "--publisher",
+        "null",
+        "--admin-listen",
+        "0.0.0.0:9187",
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("admin.allow_remote = true"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(outbox(&db.url)
+        .args(["relay", "--publisher", "null"])
+        .env("OUTBOX_ADMIN__LISTEN", "0.0.0.0:9187"));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("admin.listen"), "{}", stderr(&out));
+
+    let port = free_port();
+    let mut child = outbox(&db.url)
+        .args(["relay", "--publisher", "null", "--admin-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let published = http_get(port, "/metrics").filter(|(code, body)| {
+            *code == 200
+                && body.contains("outbox_events_published_total{destination=\"default\"} 6")
+        });
+        if let Some((_, body)) = published {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metrics with 6 published events"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(metrics.contains("outbox_relay_info{"), "{metrics}");
+    assert!(metrics.contains("profile=\"local\""), "{metrics}");
+    assert_eq!(http_get(port, "/health/live").map(|r| r.0), Some(200));
+    let (code, body) = http_get(port, "/health/ready").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, page) = http_get(port, "/").unwrap();
+    assert!(code == 200 && page.contains("outbox console"), "{page}");
+    signal(child.id(), "TERM");
+    let status = wait_within(&mut child, Duration::from_secs(20));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        child_stderr(&mut child)
+    );
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn status_shows_blocked_keys_and_watch_refreshes_until_ctrl_c() {
+    let db = TestDb::new().await.unwrap();
+    enqueue(&db, 2, 3).await;
+    // k0's head is dead; its later events wait behind it (as the relay parks them).
+    sqlx::query("UPDATE outbox_event SET status = 'dead', last_error = 'x' WHERE seq = (SELECT min(seq) FROM outbox_event WHERE aggregate_id = 'k0')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox_event SET status = 'parked', available_at = 'infinity' WHERE aggregate_id = 'k0' AND status = 'pending'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = run(outbox(&db.url).args(["status", "--json"]));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["keys_blocked"], 1, "{status}");
+    assert_eq!(
+        status["blocked_keys"],
+        serde_json::json!(["order/k0"]),
+        "{status}"
+    );
+    assert_eq!(
+        status["dead_by_destination"],
+        serde_json::json!({"-": 1}),
+        "{status}"
+    );
+    let out = run(outbox(&db.url).arg("status"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("keys blocked              1") && text.contains("order/k0"),
+        "{text}"
+    );
+
+    let mut child = outbox(&db.url)
+        .args(["status", "--watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Two refreshes: the second has a rate.
+    let mut rates = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rates.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("status --watch refreshes");
+        if let Some(rate) = line.strip_prefix("published/s") {
+            rates.push(rate.trim().to_owned());
+        }
+    }
+    assert_eq!(rates[0], "-", "no rate before a second reading");
+    assert_eq!(
+        rates[1], "0.0",
+        "nothing was published between the readings"
+    );
+    signal(child.id(), "INT");
+    let status = wait_within(&mut child, Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        child_stderr(&mut child)
+    );
+    db.drop_db().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_admin_token_is_never_shown_and_bad_admin_settings_exit_2() {
+    let db = TestDb::new().await.unwrap();
+    let token = "s3cret-admin-token-0123456789";
+    let out = run(outbox(&db.url)
+        .arg("config")
+        .env("OUTBOX_ADMIN__TOKEN", token)
+        .env("OUTBOX_ADMIN__LISTEN", "127.0.0.1:9187"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!text.contains(token), "{text}");
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(config["admin"]["token"], "***");
+    assert_eq!(config["admin"]["listen"], "127.0.0.1:9187");
+
+    let out = run(outbox(&db.url)
+        .arg("config")
+        .env("OUTBOX_ADMIN__TOKEN", "tiny-tok3n")
+        .env("OUTBOX_ADMIN__STALL_AFTER", "0s"));
+    assert_eq!(out.status.code(), Some(2));
+    let text = stderr(&out);
+    assert!(
+        text.contains("`admin.token`") && text.contains("`admin.stall_after`"),
+        "{text}"
+    );
+    assert!(!text.contains("tiny-tok3n"), "{text}");
+    db.drop_db().await.unwrap();
+}

@@ -487,6 +487,128 @@ impl Default for RelayConfig {
     }
 }
 
+/// The default `admin.stall_after`.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
+/// The shortest `admin.token` accepted.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+/// `[admin]`: the admin listener of `outbox relay` (metrics, health, admin API, web console) and
+/// the readiness thresholds. Off unless `listen` is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where to listen, e.g. `127.0.0.1:9187`; none (the default): no listener.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Accept a `listen` address that is not loopback (the admin API then reaches the network:
+    /// set a token and put TLS in front).
+    pub allow_remote: bool,
+    /// The bearer token that replay and delete require; none: they are refused.
+    pub token: Option<AdminToken>,
+    /// Not ready when there is a deliverable backlog and nothing was settled for this long, or a
+    /// destination has been down this long.
+    #[serde(with = "humantime_serde")]
+    pub stall_after: Duration,
+    /// Not ready when the oldest undelivered event is older than this (off when unset).
+    #[serde(with = "humantime_serde")]
+    pub max_pending_age: Option<Duration>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            allow_remote: false,
+            token: None,
+            stall_after: DEFAULT_STALL_AFTER,
+            max_pending_age: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Whether the admin listener may bind `addr`: loopback always, anything else only with
+    /// `admin.allow_remote = true`. The error says how to allow it.
+    pub fn check_listen(&self, addr: std::net::SocketAddr) -> Result<(), String> {
+        if addr.ip().is_loopback() || self.allow_remote {
+            return Ok(());
+        }
+        Err(format!(
+            "{addr} is not a loopback address: the admin API would be reachable from the network; \
+             use 127.0.0.1:PORT, or set admin.allow_remote = true (OUTBOX_ADMIN__ALLOW_REMOTE=true) \
+             together with admin.token and a TLS proxy in front"
+        ))
+    }
+
+    fn problems(&self, p: &mut Problems) {
+        if let Some(addr) = self.listen {
+            if let Err(problem) = self.check_listen(addr) {
+                p.add(
+                    "admin.listen",
+                    problem,
+                    "listen on loopback or allow it explicitly with admin.allow_remote = true",
+                );
+            }
+        }
+        if let Some(token) = &self.token {
+            if token.expose().trim().len() < MIN_ADMIN_TOKEN_LEN {
+                p.add(
+                    "admin.token",
+                    format!("the token is shorter than {MIN_ADMIN_TOKEN_LEN} characters (it is not shown)"),
+                    "use a long random value, e.g. the output of `openssl rand -hex 32`, or unset it to refuse every mutation",
+                );
+            }
+        }
+        if self.stall_after.is_zero() {
+            p.add(
+                "admin.stall_after",
+                "0s would report every relay as stalled",
+                "use a duration such as \"60s\" (longer than a publish normally takes)",
+            );
+        }
+        if self.max_pending_age.is_some_and(|d| d.is_zero()) {
+            p.add(
+                "admin.max_pending_age",
+                "0s would report not ready whenever any event waits",
+                "use a duration such as \"5m\", or leave it unset",
+            );
+        }
+    }
+}
+
+/// The admin API's bearer token: never shown (`Debug`, `Display` and serialization print `***`).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// A token; see [`MIN_ADMIN_TOKEN_LEN`].
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+    /// The token itself: only for comparing with a request's.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Serialize for AdminToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl fmt::Display for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// Where the relay sends events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublisherSpec {
@@ -568,6 +690,9 @@ pub struct Config {
     /// Where events go; when not set: `destinations` if any are configured, else `stdout`.
     #[serde(default = "default_publisher")]
     pub publisher: PublisherSpec,
+    /// `[admin]`: the admin listener and the readiness thresholds.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// `[destinations.NAME]`: named destinations, each with a `kind` that a linked publisher
     /// crate builds (see [`crate::publisher::registry`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -909,6 +1034,7 @@ impl Config {
                 p.push(ConfigError::database_url(&db.url, reason));
             }
         }
+        self.admin.problems(&mut p);
         let e = &self.events;
         if e.max_payload_bytes == 0 || e.max_payload_bytes > MAX_PAYLOAD_BYTES_CEILING {
             p.add(
@@ -956,6 +1082,7 @@ impl Config {
             purge_interval: r.purge_interval,
             active_poll_interval: r.active_poll_interval,
             active_period: r.active_period,
+            ..RelayOptions::default()
         }
     }
 
@@ -1203,6 +1330,55 @@ mod tests {
 
     fn toml_string(s: &str) -> String {
         serde_json::to_string(s).unwrap() // a JSON string is a valid TOML basic string here
+    }
+
+    #[test]
+    fn admin_settings_parse_and_a_remote_listener_needs_allow_remote() {
+        let config = load(
+            "[default.admin]\nlisten = \"127.0.0.1:9187\"\nmax_pending_age = \"5m\"\n",
+            "local",
+        )
+        .unwrap();
+        assert_eq!(config.admin.listen, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(config.admin.max_pending_age, Some(Duration::from_secs(300)));
+        assert_eq!(config.admin.stall_after, DEFAULT_STALL_AFTER);
+        assert!(config.admin.token.is_none());
+
+        let err = load("[default.admin]\nlisten = \"0.0.0.0:9187\"\n", "local").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("`admin.listen`") && text.contains("admin.allow_remote = true"),
+            "{text}"
+        );
+        let config = load(
+            "[default.admin]\nlisten = \"0.0.0.0:9187\"\nallow_remote = true\n",
+            "local",
+        )
+        .unwrap();
+        assert!(config.admin.allow_remote);
+
+        let err = load(
+            "[default.admin]\nmax_pending_age = \"0s\"\ntoken = \"Sh0rt\"\n",
+            "local",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("`admin.max_pending_age`") && text.contains("`admin.token`"),
+            "{text}"
+        );
+        assert!(!text.contains("Sh0rt"), "{text}");
+        let config = load(
+            "[default.admin]\ntoken = \"0123456789abcdef-secret\"\n",
+            "local",
+        )
+        .unwrap();
+        for shown in [
+            format!("{config:?}"),
+            serde_json::to_string(&config).unwrap(),
+        ] {
+            assert!(!shown.contains("0123456789abcdef-secret"), "{shown}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! - [`relay`]: the engine ([`Relay`]): embedded ([`Relay::spawn`]), as a service
 //!   ([`Relay::run`]) or once per invocation ([`Relay::drain`]).
 //! - [`config`]: layered configuration with `local` / `dev` / `prod` profiles.
+//! - [`metrics`]: the names of the relay's metrics (recorded through the `metrics` facade).
 //! - `logging` (feature `logging`): the log set-up the project's binaries share.
 //!
 //! The core names no broker: each broker's publisher lives in its own crate and registers its
@@ -68,6 +69,7 @@ pub mod config;
 pub mod event;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod metrics;
 pub mod postgres;
 pub mod publisher;
 pub mod relay;
@@ -87,8 +89,11 @@ pub use publisher::{
     BuildError, FilePublisher, MemoryPublisher, PublishError, PublishResult, Publisher,
     PublisherFactory, Registry, StdoutPublisher,
 };
-pub use relay::{Backoff, Relay, RelayHandle, RelayOptions, RelaySnapshot};
-pub use store::{Claim, Outcome, Store, StoreError};
+pub use relay::{
+    Backoff, DestinationStatus, Relay, RelayHandle, RelayHealth, RelayMonitor, RelayOptions,
+    RelaySnapshot,
+};
+pub use store::{Backlog, Claim, Outcome, Store, StoreError};
 
 // The crate's README (its page on crates.io) is compiled as a doc test, so its example stays true.
 #[cfg(doctest)]

@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,10 +31,12 @@ use chrono::Utc;
 use futures_util::FutureExt;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::event::{OrderingKey, OutboxEvent};
+use crate::metrics as m;
 use crate::publisher::{PublishError, PublishResult, Publisher};
-use crate::store::{Claim, Outcome, Store, StoreError};
+use crate::store::{Backlog, Claim, Outcome, Store, StoreError};
 
 /// Exponential backoff with jitter between delivery attempts of one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +89,8 @@ pub struct RelayOptions {
     /// `active_poll_interval` rather than waiting for a wake-up (see `worker`).
     pub active_poll_interval: Duration,
     pub active_period: Duration,
+    /// How often the backlog is read for the backlog metrics (a query, never per claim).
+    pub backlog_interval: Duration,
 }
 
 impl Default for RelayOptions {
@@ -102,6 +106,7 @@ impl Default for RelayOptions {
             purge_interval: Duration::from_secs(60),
             active_poll_interval: Duration::from_millis(2),
             active_period: Duration::from_millis(500),
+            backlog_interval: Duration::from_secs(5),
         }
     }
 }
@@ -211,6 +216,96 @@ struct Inner<S, P> {
     fatal: Mutex<Option<String>>,
     halt: watch::Sender<bool>,
     logs: LogBudgets,
+    /// What the health checks and consoles read ([`Relay::health`]).
+    progress: Progress,
+}
+
+/// The relay's progress as health checks see it: cheap to update (atomics, one short lock per
+/// batch), read only when asked.
+struct Progress {
+    running: AtomicBool,
+    /// When a claim with events was last settled, in milliseconds since `started`; `NEVER` before.
+    last_settle_ms: AtomicU64,
+    /// When a claim last returned (with or without events), likewise.
+    last_claim_ms: AtomicU64,
+    /// Counts per destination since the relay started.
+    destinations: Mutex<HashMap<String, DestinationCounts>>,
+    /// The last backlog reading and when it was taken.
+    backlog: Mutex<Option<(Instant, Backlog)>>,
+}
+
+const NEVER: u64 = u64::MAX;
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            running: AtomicBool::new(false),
+            last_settle_ms: AtomicU64::new(NEVER),
+            last_claim_ms: AtomicU64::new(NEVER),
+            destinations: Mutex::default(),
+            backlog: Mutex::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct DestinationCounts {
+    published: u64,
+    failed_event: u64,
+    failed_destination: u64,
+    dead: u64,
+}
+
+/// What a health check or a console needs to know about a relay, at one moment
+/// ([`Relay::health`], [`RelayHandle::health`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayHealth {
+    /// Whether the relay's loops run (false before `run`, after it returned, and after a fatal
+    /// publisher failure).
+    pub running: bool,
+    /// Seconds since the relay was created.
+    pub uptime_seconds: f64,
+    /// Seconds since a claim with events was last settled; `None` when none was yet.
+    pub last_settle_age_seconds: Option<f64>,
+    /// Seconds since a claim last returned (empty or not); `None` when none did yet.
+    pub last_claim_age_seconds: Option<f64>,
+    /// Why the publisher stopped the relay, if it did.
+    pub fatal: Option<String>,
+    /// The relay's counters since it started.
+    pub counters: RelaySnapshot,
+    /// Every destination this relay published to, or knows to be down.
+    pub destinations: Vec<DestinationStatus>,
+    /// The last backlog reading (every `backlog_interval`), if the store reports one.
+    pub backlog: Option<Backlog>,
+    /// Seconds since that reading.
+    pub backlog_reading_age_seconds: Option<f64>,
+}
+
+/// One destination as the relay sees it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct DestinationStatus {
+    pub name: String,
+    /// False from its first unavailable result until a publish to it succeeds again.
+    pub up: bool,
+    /// Seconds it has been down; `None` while up.
+    pub down_for_seconds: Option<f64>,
+    /// The reason it is down; `None` while up.
+    pub last_error: Option<String>,
+    /// Events the broker acknowledged since the relay started.
+    pub published: u64,
+    /// Failures of events themselves (an attempt charged).
+    pub failed_event: u64,
+    /// Events that failed because the destination was unavailable (no attempt charged).
+    pub failed_destination: u64,
+    /// Events dead-lettered.
+    pub dead: u64,
+}
+
+/// Reads a relay's health without knowing its store or publisher types, so an admin server (or
+/// an application's own health endpoint) can hold any relay.
+pub trait RelayMonitor: Send + Sync + 'static {
+    /// The relay's health now.
+    fn health(&self) -> RelayHealth;
 }
 
 /// A destination that failed with [`PublishError::Unavailable`] and is not back yet.
@@ -250,6 +345,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 fatal: Mutex::default(),
                 halt: watch::channel(false).0,
                 logs: LogBudgets::default(),
+                progress: Progress::default(),
             }),
         }
     }
@@ -268,6 +364,59 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             .iter()
             .map(|(name, h)| (name.clone(), h.since.elapsed(), h.last_error.clone()))
             .collect()
+    }
+
+    /// The relay's health now: whether it runs, when it last settled, its destinations (see
+    /// [`RelayHealth`]). Cheap: no query.
+    pub fn health(&self) -> RelayHealth {
+        let inner = &self.inner;
+        let p = &inner.progress;
+        let now_ms = self.now_ms();
+        let age = |at: u64| (at != NEVER).then(|| now_ms.saturating_sub(at) as f64 / 1000.0);
+        let counts = lock(&p.destinations).clone();
+        let down = lock(&inner.destinations).clone();
+        let mut names: Vec<&String> = counts.keys().chain(down.keys()).collect();
+        names.sort();
+        names.dedup();
+        let destinations = names
+            .into_iter()
+            .map(|name| {
+                let c = counts.get(name).copied().unwrap_or_default();
+                let d = down.get(name);
+                DestinationStatus {
+                    name: name.clone(),
+                    up: d.is_none(),
+                    down_for_seconds: d.map(|d| d.since.elapsed().as_secs_f64()),
+                    last_error: d.map(|d| d.last_error.clone()),
+                    published: c.published,
+                    failed_event: c.failed_event,
+                    failed_destination: c.failed_destination,
+                    dead: c.dead,
+                }
+            })
+            .collect();
+        let backlog = *lock(&p.backlog);
+        RelayHealth {
+            running: p.running.load(Ordering::Relaxed) && !*inner.halt.borrow(),
+            uptime_seconds: inner.started.elapsed().as_secs_f64(),
+            last_settle_age_seconds: age(p.last_settle_ms.load(Ordering::Relaxed)),
+            last_claim_age_seconds: age(p.last_claim_ms.load(Ordering::Relaxed)),
+            fatal: self.fatal(),
+            counters: inner.stats.snapshot(),
+            destinations,
+            backlog: backlog.map(|(_, b)| b),
+            backlog_reading_age_seconds: backlog.map(|(at, _)| at.elapsed().as_secs_f64()),
+        }
+    }
+
+    /// A [`RelayMonitor`] of this relay, for an admin server.
+    pub fn monitor(&self) -> Arc<dyn RelayMonitor> {
+        Arc::new(self.clone())
+    }
+
+    /// Milliseconds since the relay was created (the clock of [`Progress`]).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(NEVER - 1)
     }
 
     /// Runs until `shutdown` completes, then lets every in-flight batch finish and returns.
@@ -294,6 +443,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             let stop = stop_rx.clone();
             tasks.spawn(async move { relay.maintainer(stop).await });
         }
+        self.inner.progress.running.store(true, Ordering::Relaxed);
         tracing::info!(
             workers = self.inner.options.workers,
             batch_size = self.inner.options.batch_size,
@@ -311,6 +461,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 failure = Some(RelayError::Task(e.to_string()));
             }
         }
+        self.inner.progress.running.store(false, Ordering::Relaxed);
         let s = self.inner.stats.snapshot();
         s.log("relay stopped");
         if let Some(reason) = self.fatal() {
@@ -349,6 +500,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             stop: stop_tx,
             task: Some(task),
             stats: self.inner.stats.clone(),
+            monitor: self.monitor(),
         }
     }
 
@@ -379,6 +531,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             .await
             .map_err(RelayError::PublisherCheck)?;
         let before = self.inner.stats.snapshot();
+        self.inner.progress.running.store(true, Ordering::Relaxed);
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         for _ in 0..self.inner.options.workers {
@@ -406,6 +559,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 }
             }
         }
+        self.inner.progress.running.store(false, Ordering::Relaxed);
         if let Some(e) = failure {
             return Err(e);
         }
@@ -485,13 +639,37 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     async fn cycle(&self) -> Result<BatchReport, StoreError> {
         let inner = &self.inner;
-        let claim = inner.store.claim(inner.options.batch_size).await?;
+        let started = Instant::now();
+        // Debug-level spans: free under the default `info` filter, there for whoever traces.
+        let span = tracing::debug_span!(
+            "claim",
+            limit = inner.options.batch_size,
+            claimed = tracing::field::Empty,
+            first_id = tracing::field::Empty,
+            last_id = tracing::field::Empty
+        );
+        let claim = inner
+            .store
+            .claim(inner.options.batch_size)
+            .instrument(span.clone())
+            .await?;
+        ::metrics::histogram!(m::CLAIM_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        inner
+            .progress
+            .last_claim_ms
+            .store(self.now_ms(), Ordering::Relaxed);
         let claimed = claim.events().len();
         if claimed == 0 {
             claim.release().await?;
             return Ok(BatchReport::default());
         }
+        ::metrics::histogram!(m::BATCH_EVENTS).record(claimed as f64);
         let events = claim.events();
+        if let (Some(first), Some(last)) = (events.first(), events.last()) {
+            span.record("claimed", claimed);
+            span.record("first_id", tracing::field::display(first.id));
+            span.record("last_id", tracing::field::display(last.id));
+        }
         let destinations: Vec<String> = events
             .iter()
             .map(|e| inner.publisher.destination_of(e))
@@ -506,8 +684,26 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             self.halt_with(reason);
             return Ok(BatchReport::default());
         }
-        let (outcomes, recovered) = self.outcomes(events, &destinations, results);
-        let report = claim.settle(&outcomes).await?;
+        let (outcomes, recovered, counts) = self.outcomes(events, &destinations, results);
+        let settle = tracing::debug_span!(
+            "settle",
+            events = outcomes.len(),
+            published = tracing::field::Empty,
+            retried = tracing::field::Empty,
+            deferred = tracing::field::Empty,
+            dead = tracing::field::Empty
+        );
+        let report = claim.settle(&outcomes).instrument(settle.clone()).await?;
+        settle.record("published", report.published);
+        settle.record("retried", report.retried);
+        settle.record("deferred", report.deferred);
+        settle.record("dead", report.dead);
+        inner
+            .progress
+            .last_settle_ms
+            .store(self.now_ms(), Ordering::Relaxed);
+        // Counted once settled, like the relay's counters: a lost claim's events come again.
+        self.record_counts(counts);
         for destination in recovered {
             self.release_recovered(&destination).await;
         }
@@ -537,7 +733,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 .collect()
         };
         if paused.is_empty() {
-            return self.publish(events).await.into_iter().map(Some).collect();
+            return self
+                .timed_publish(events, destinations.iter())
+                .await
+                .into_iter()
+                .map(Some)
+                .collect();
         }
         let mut held_keys: HashSet<OrderingKey<'_>> = HashSet::new();
         let send: Vec<bool> = events
@@ -562,12 +763,47 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut sent = if batch.is_empty() {
             Vec::new()
         } else {
-            self.publish(&batch).await
+            let sent_to = destinations.iter().zip(&send).filter(|(_, s)| **s);
+            self.timed_publish(&batch, sent_to.map(|(d, _)| d)).await
         }
         .into_iter();
         send.iter()
             .map(|send| if *send { sent.next() } else { None })
             .collect()
+    }
+
+    /// [`Relay::publish`], recording its duration for each destination the batch went to.
+    async fn timed_publish(
+        &self,
+        events: &[OutboxEvent],
+        destinations: impl Iterator<Item = &String>,
+    ) -> Vec<PublishResult> {
+        // Usually one destination per batch; a short list beats hashing.
+        let mut seen: Vec<&String> = Vec::new();
+        for destination in destinations {
+            if !seen.contains(&destination) {
+                seen.push(destination);
+            }
+        }
+        let span = tracing::debug_span!(
+            "publish",
+            destination = %DisplayList(&seen),
+            events = events.len(),
+            first_id = tracing::field::Empty,
+            last_id = tracing::field::Empty
+        );
+        if let (Some(first), Some(last)) = (events.first(), events.last()) {
+            span.record("first_id", tracing::field::display(first.id));
+            span.record("last_id", tracing::field::display(last.id));
+        }
+        let started = Instant::now();
+        let results = self.publish(events).instrument(span).await;
+        let seconds = started.elapsed().as_secs_f64();
+        for destination in seen {
+            ::metrics::histogram!(m::PUBLISH_DURATION_SECONDS, "destination" => destination.clone())
+                .record(seconds);
+        }
+        results
     }
 
     /// Calls the publisher bounded by the publish timeout. A timeout is the destination's failure
@@ -598,14 +834,21 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// only the first event that failed or was held back gets an outcome that changes it; the
     /// later ones were not tried and are given back untouched (they wait behind it). Returns the
     /// destinations that came back in this batch.
-    fn outcomes(
+    fn outcomes<'d>(
         &self,
         events: &[OutboxEvent],
-        destinations: &[String],
+        destinations: &'d [String],
         results: Vec<Option<PublishResult>>,
-    ) -> (Vec<Outcome>, Vec<String>) {
+    ) -> (
+        Vec<Outcome>,
+        Vec<String>,
+        HashMap<&'d str, DestinationCounts>,
+    ) {
         let options = &self.inner.options;
         let now = Instant::now();
+        let acked_at = Utc::now();
+        let mut counts: HashMap<&'d str, DestinationCounts> = HashMap::new();
+        let commit_to_publish = ::metrics::histogram!(m::COMMIT_TO_PUBLISH_SECONDS);
         let mut stopped_keys: HashSet<OrderingKey<'_>> = HashSet::new();
         let mut failed_now: HashMap<&str, String> = HashMap::new();
         let mut succeeded: HashSet<&str> = HashSet::new();
@@ -613,6 +856,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut outcomes = Vec::with_capacity(events.len());
         for ((event, destination), result) in events.iter().zip(destinations).zip(results) {
             let key = event.ordering_key();
+            let sent = result.is_some();
             let earlier_stopped = stopped_keys.contains(&key);
             let outcome = match result {
                 Some(Ok(())) => {
@@ -625,6 +869,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         );
                     }
                     succeeded.insert(destination);
+                    let lag = (acked_at - event.created_at)
+                        .num_microseconds()
+                        .unwrap_or(0);
+                    commit_to_publish.record(lag.max(0) as f64 / 1e6);
                     Outcome::Published
                 }
                 _ if earlier_stopped => Outcome::Untouched,
@@ -672,6 +920,21 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 }
             };
             self.log_outcome(event, destination, &outcome);
+            if !matches!(outcome, Outcome::Untouched) {
+                let c = counts.entry(destination.as_str()).or_default();
+                match &outcome {
+                    Outcome::Published => c.published += 1,
+                    Outcome::Retry { .. } => c.failed_event += 1,
+                    Outcome::Dead { .. } => {
+                        c.failed_event += 1;
+                        c.dead += 1;
+                    }
+                    // Only events that were sent and found the destination down failed; the others
+                    // were held back unsent.
+                    Outcome::Deferred { .. } if sent => c.failed_destination += 1,
+                    Outcome::Deferred { .. } | Outcome::Untouched => {}
+                }
+            }
             outcomes.push(outcome);
         }
         let mut recovered = Vec::new();
@@ -688,6 +951,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     h.last_error = reason;
                 }
                 None => {
+                    ::metrics::gauge!(m::DESTINATION_UP, "destination" => destination.to_owned())
+                        .set(0.0);
                     let next = probe.delay(1);
                     tracing::warn!(
                         destination,
@@ -717,7 +982,38 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 recovered.push(destination.to_owned());
             }
         }
-        (outcomes, recovered)
+        (outcomes, recovered, counts)
+    }
+
+    /// Adds a settled batch's counts to the metrics and to the per-destination counts of
+    /// [`Relay::health`]: one metrics update per destination and batch, not per event.
+    fn record_counts(&self, counts: HashMap<&str, DestinationCounts>) {
+        let mut totals = lock(&self.inner.progress.destinations);
+        for (destination, c) in counts {
+            let label = || destination.to_owned();
+            if c.published > 0 {
+                ::metrics::counter!(m::EVENTS_PUBLISHED_TOTAL, "destination" => label())
+                    .increment(c.published);
+                ::metrics::gauge!(m::DESTINATION_UP, "destination" => label()).set(1.0);
+            }
+            if c.failed_event > 0 {
+                ::metrics::counter!(m::EVENTS_FAILED_TOTAL, "destination" => label(), "scope" => "event")
+                    .increment(c.failed_event);
+            }
+            if c.failed_destination > 0 {
+                ::metrics::counter!(m::EVENTS_FAILED_TOTAL, "destination" => label(), "scope" => "destination")
+                    .increment(c.failed_destination);
+            }
+            if c.dead > 0 {
+                ::metrics::counter!(m::EVENTS_DEAD_TOTAL, "destination" => label())
+                    .increment(c.dead);
+            }
+            let t = totals.entry(destination.to_owned()).or_default();
+            t.published += c.published;
+            t.failed_event += c.failed_event;
+            t.failed_destination += c.failed_destination;
+            t.dead += c.dead;
+        }
     }
 
     /// Logs a retry, a deferral or a dead letter with the event's id, key, destination, attempt
@@ -867,6 +1163,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let tick = options.poll_interval.min(MAINTENANCE_TICK);
         let mut last_purge = Instant::now();
         let mut last_adopt: Option<Instant> = None;
+        let mut last_backlog: Option<Instant> = None;
         let mut halted = self.inner.halt.subscribe();
         loop {
             tokio::select! {
@@ -882,6 +1179,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 self.adopt_held_destinations().await;
             }
             self.probe_destinations().await;
+            if last_backlog.is_none_or(|t| t.elapsed() >= options.backlog_interval) {
+                last_backlog = Some(Instant::now());
+                self.read_backlog().await;
+            }
             self.inner.logs.summarize();
             if last_purge.elapsed() >= options.purge_interval {
                 last_purge = Instant::now();
@@ -893,6 +1194,18 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     }
                 }
             }
+        }
+    }
+
+    /// Reads the backlog for its gauges and for [`Relay::health`].
+    async fn read_backlog(&self) {
+        match self.inner.store.backlog().await {
+            Ok(Some(backlog)) => {
+                m::backlog(&backlog);
+                *lock(&self.inner.progress.backlog) = Some((Instant::now(), backlog));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "could not read the backlog for the metrics"),
         }
     }
 
@@ -909,6 +1222,9 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let now = Instant::now();
         let mut health = lock(&self.inner.destinations);
         for destination in held {
+            if !health.contains_key(&destination) {
+                ::metrics::gauge!(m::DESTINATION_UP, "destination" => destination.clone()).set(0.0);
+            }
             health
                 .entry(destination)
                 .or_insert_with(|| DestinationHealth {
@@ -954,6 +1270,21 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 }
             }
         }
+    }
+}
+
+/// Destination names joined with `,` for a span field, formatted only when the span is recorded.
+struct DisplayList<'a>(&'a [&'a String]);
+
+impl std::fmt::Display for DisplayList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, name) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(name)?;
+        }
+        Ok(())
     }
 }
 
@@ -1065,6 +1396,19 @@ pub struct RelayHandle {
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<Result<RelaySnapshot, RelayError>>>,
     stats: Arc<RelayStats>,
+    monitor: Arc<dyn RelayMonitor>,
+}
+
+impl<S: Store, P: Publisher> RelayMonitor for Relay<S, P> {
+    fn health(&self) -> RelayHealth {
+        Relay::health(self)
+    }
+}
+
+impl RelayMonitor for RelayHandle {
+    fn health(&self) -> RelayHealth {
+        self.monitor.health()
+    }
 }
 
 impl RelayHandle {
@@ -1079,6 +1423,16 @@ impl RelayHandle {
 
     pub fn stats(&self) -> RelaySnapshot {
         self.stats.snapshot()
+    }
+
+    /// The relay's health now (see [`Relay::health`]).
+    pub fn health(&self) -> RelayHealth {
+        self.monitor.health()
+    }
+
+    /// A [`RelayMonitor`] of the relay, for an admin server; it outlives the handle.
+    pub fn monitor(&self) -> Arc<dyn RelayMonitor> {
+        self.monitor.clone()
     }
 
     /// Whether the relay stopped on its own (a failed publisher check or a crashed task).

@@ -99,6 +99,21 @@ pub struct Maintenance {
     pub unblocked: u64,
 }
 
+/// The backlog at one moment, read periodically for the metrics and the health checks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Backlog {
+    /// Undelivered events: deliverable, retrying, held for a destination, or blocked.
+    pub pending: i64,
+    /// Of those, the events a claim could take now (not waiting for anything).
+    pub deliverable: i64,
+    /// Dead-lettered events.
+    pub dead: i64,
+    /// Keys whose later events wait behind an earlier event (dead, retrying or held).
+    pub keys_blocked: i64,
+    /// Age of the oldest undelivered event; 0 when there is none.
+    pub oldest_pending_age_seconds: f64,
+}
+
 /// Where the relay claims events from.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -153,5 +168,11 @@ pub trait Store: Send + Sync + 'static {
     /// outage (another process, or this one after a restart) probes them too.
     async fn held_destinations(&self) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
+    }
+
+    /// The backlog now, for the backlog metrics (read every few seconds, never per claim);
+    /// `None` when the store cannot tell.
+    async fn backlog(&self) -> Result<Option<Backlog>, StoreError> {
+        Ok(None)
     }
 }

@@ -14,8 +14,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 pub use admin::{
-    dead_event, dead_events, delete_dead, replay_dead, select_dead, status, AdminError, DeadChange,
-    DeadEvent, DeadEventDetail, DeadFilter, DeadSelection, Status, MAX_DEAD_LIST_LIMIT,
+    backlog, dead_event, dead_events, delete_dead, replay_dead, select_dead, status, AdminError,
+    DeadChange, DeadEvent, DeadEventDetail, DeadFilter, DeadSelection, Status, BLOCKED_KEYS_SHOWN,
+    MAX_DEAD_LIST_LIMIT,
 };
 pub use adopt::{
     adopt, adoption_sql, unadopt, AdoptError, AdoptMapping, AdoptReport, ADOPT_TRIGGER,
@@ -301,6 +302,7 @@ pub async fn relay_from_config<P: crate::Publisher>(
         }
     }
     let store = PgStore::new(pool, config.store_options()).await?;
+    crate::metrics::relay_info(&config.profile, config.schema.as_str());
     Ok(crate::Relay::new(store, publisher, config.relay_options()))
 }
 

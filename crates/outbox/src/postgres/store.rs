@@ -759,6 +759,12 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await?)
     }
+
+    async fn backlog(&self) -> Result<Option<crate::store::Backlog>, StoreError> {
+        Ok(Some(
+            super::admin::backlog(&self.pool, &self.options.schema).await?,
+        ))
+    }
 }
 
 impl PgStore {
