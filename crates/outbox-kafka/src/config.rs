@@ -250,6 +250,19 @@ impl KafkaConfig {
                 }
             }
         }
+        let explicit_brokers = config
+            .sections
+            .get("kafka")
+            .and_then(|v| v.as_dict())
+            .is_some_and(|d| d.contains_key("brokers"));
+        if !explicit_brokers && config.profile != "local" && !destinations.is_empty() {
+            // The loopback default is for the local broker; a deployment must name its cluster.
+            problems.add(
+                "kafka.brokers",
+                format!("not set for the `{}` profile", config.profile),
+                format!("name the cluster in [{}.kafka] brokers = \"host:port,...\" (the default {DEFAULT_BROKERS} is for the local profile)", config.profile),
+            );
+        }
         let kafka = Self {
             section,
             destinations: read,

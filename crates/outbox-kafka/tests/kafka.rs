@@ -332,6 +332,30 @@ fn configuration_problems_are_reported_together_with_their_keys() {
 }
 
 #[test]
+fn a_deployment_profile_must_name_its_brokers() {
+    let text = r#"
+        [default]
+        default_destination = "orders"
+        [default.destinations.orders]
+        kind = "kafka"
+        topic = "orders"
+    "#;
+    let registry = outbox::Registry::new().with(Kafka);
+    let local = outbox::Config::from_toml_str(text, "local").unwrap();
+    assert!(registry.problems(&local).is_empty());
+    let prod = outbox::Config::from_toml_str(text, "prod").unwrap();
+    let err = registry
+        .problems(&prod)
+        .into_result()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kafka.brokers") && err.contains("prod"),
+        "{err}"
+    );
+}
+
+#[test]
 fn secrets_in_properties_are_never_shown() {
     let text = r#"
         [default]
@@ -443,4 +467,26 @@ async fn one_relay_publishes_to_kafka_and_a_file_by_route() {
     assert_eq!(lines.lines().count(), 4, "{lines}");
     std::fs::remove_dir_all(&dir).unwrap();
     db.drop_db().await.unwrap();
+}
+
+/// A template renders a topic per event; an event whose aggregate type makes an invalid topic is
+/// dead-lettered with the reason (it would never be accepted), and nothing reaches a broker.
+#[tokio::test]
+async fn an_event_rendering_an_invalid_topic_is_permanent() {
+    let publisher = publisher(&config_text("127.0.0.1:1", "outbox.{aggregate_type}", ""))
+        .await
+        .unwrap();
+    let mut bad = conformance::event(1, "a", "E", serde_json::json!({}));
+    bad.aggregate_type = "has space".into();
+    let results = publisher.publish(&[bad]).await;
+    match &results[0] {
+        Err(e) if !e.is_retryable() => {
+            assert!(
+                e.reason().contains("outbox.has space")
+                    && e.reason().contains("destinations.orders.topic"),
+                "{e}"
+            )
+        }
+        other => panic!("expected a permanent failure, got {other:?}"),
+    }
 }
