@@ -81,6 +81,11 @@ topic = "{topic}"
         .check()
         .await
         .map_err(|e| anyhow::anyhow!("publisher check: {e}"))?;
+    // The publisher alone (no database), to separate its cost from the relay's claim and settle.
+    let alone = outbox::Registry::new()
+        .with(outbox_kafka::Kafka)
+        .build(&config)
+        .await?;
     // The plain loop's producer: the settings the crate uses.
     let plain_producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.brokers)
@@ -107,9 +112,26 @@ topic = "{topic}"
         },
     );
 
+    // Warm-up outside the timed part: both producers connect and learn the topic's partitions.
+    db.reset().await?;
+    db.append(10, 10_000).await?;
+    relay.drain().await?;
+    for i in 0..10 {
+        plain_producer
+            .send_result(
+                FutureRecord::to(&topic)
+                    .key(&format!("warm-up/{i}"))
+                    .payload("{}"),
+            )
+            .map_err(|(e, _)| anyhow::anyhow!("plain loop warm-up: {e}"))?
+            .await?
+            .map_err(|(e, _)| anyhow::anyhow!("plain loop warm-up: {e}"))?;
+    }
+
     db.reset().await?;
     let (mut ours, mut plain) = (Duration::ZERO, Duration::ZERO);
     let (mut ours_events, mut plain_events) = (0u64, 0u64);
+    let (mut publisher_only, mut publisher_events) = (Duration::ZERO, 0u64);
     for _ in 0..cfg.chunks {
         db.append(cfg.chunk as i64, 10_000).await?;
         let start = Instant::now();
@@ -151,9 +173,21 @@ topic = "{topic}"
             r?.map_err(|(e, _)| anyhow::anyhow!("plain loop delivery: {e}"))?;
             plain_events += 1;
         }
+
+        let events = outbox_events(cfg.chunk)?;
+        let start = Instant::now();
+        let results = alone.publish(&events).await;
+        publisher_only += start.elapsed();
+        anyhow::ensure!(
+            results.iter().all(Result::is_ok),
+            "publisher alone: {:?}",
+            results.iter().find(|r| r.is_err())
+        );
+        publisher_events += results.len() as u64;
     }
     let ours_rate = ours_events as f64 / ours.as_secs_f64();
     let plain_rate = plain_events as f64 / plain.as_secs_f64();
+    let publisher_rate = publisher_events as f64 / publisher_only.as_secs_f64();
     let mut table = Table::new(
         format!(
             "kafka: tansu on {} (topic of 3 partitions), {} chunks of {} events over 10k keys (~200 B value, 5 headers)",
@@ -161,14 +195,18 @@ topic = "{topic}"
         ),
         &[
             "relay (outbox_kafka, incl. claim + settle) ev/s",
+            "publisher alone (no database) ev/s",
             "plain rdkafka send_result loop ev/s",
             "relay / plain",
+            "publisher alone / plain",
         ],
     );
     table.row(vec![
         fmt_num(ours_rate),
+        fmt_num(publisher_rate),
         fmt_num(plain_rate),
         format!("{:.3}", ours_rate / plain_rate),
+        format!("{:.3}", publisher_rate / plain_rate),
     ]);
     report.table(&table);
     report.result_vs(
@@ -178,6 +216,20 @@ topic = "{topic}"
         plain_rate,
     );
     Ok(())
+}
+
+/// The events the relay would hand the publisher for the same records.
+fn outbox_events(n: usize) -> anyhow::Result<Vec<outbox::OutboxEvent>> {
+    (0..n)
+        .map(|i| {
+            Ok(serde_json::from_value(serde_json::json!({
+                "id": uuid::Uuid::now_v7(), "seq": i + 1, "aggregate_type": "account",
+                "aggregate_id": format!("acc-{i}"), "event_type": "AccountCredited",
+                "payload": { "n": i, "amount_cents": i % 10000, "currency": "EUR", "note": "x".repeat(120) },
+                "created_at": chrono::Utc::now(),
+            }))?)
+        })
+        .collect()
 }
 
 struct PlainRecord {
