@@ -123,3 +123,9 @@ ensure_console_browser() {
     fi
     export OUTBOX_TEST_PLAYWRIGHT_DIR="$dir"
 }
+
+# The Kafka-protocol broker (tansu) on 127.0.0.1:19092 for the kafka destinations' tests; installs
+# tansu with cargo the first time (about 7 minutes, once per machine).
+ensure_kafka() {
+    bash "$ROOT/scripts/kafka.sh" start >/dev/null
+}

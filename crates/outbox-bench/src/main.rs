@@ -18,6 +18,7 @@
 mod broker;
 mod db;
 mod drain;
+mod kafka;
 mod latency;
 mod producer;
 mod profile;
@@ -45,7 +46,7 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// Only these scenarios (comma-separated: drain,latency,producer,broker,soak).
+    /// Only these scenarios (comma-separated: drain,latency,producer,broker,kafka,soak).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Events in the drain backlog (default: 20k quick, 1M full).
@@ -66,6 +67,9 @@ struct Args {
     /// to see what the metrics cost.
     #[arg(long)]
     metrics: bool,
+    /// The Kafka-protocol broker (loopback only; `scripts/kafka.sh start`).
+    #[arg(long, env = "OUTBOX_BENCH_KAFKA", default_value = "127.0.0.1:19092")]
+    kafka_brokers: String,
 }
 
 #[tokio::main]
@@ -199,6 +203,22 @@ async fn run(args: &Args, db: &db::BenchDb, report: &mut report::Report) -> anyh
                 args.aws_endpoint
             ));
             report.result("broker", "skipped=emulator_unreachable");
+        }
+    }
+    if wanted("kafka") {
+        if kafka::reachable(&args.kafka_brokers).await? {
+            let cfg = kafka::KafkaConfig {
+                brokers: args.kafka_brokers.clone(),
+                chunks: if full { 20 } else { 3 },
+                chunk: 100,
+            };
+            kafka::run(db, &cfg, report).await?;
+        } else {
+            report.note(format!(
+                "\n### kafka: SKIPPED, no Kafka broker answers at {} (run `bash scripts/kafka.sh start`)",
+                args.kafka_brokers
+            ));
+            report.result("kafka", "skipped=broker_unreachable");
         }
     }
     if full && wanted("soak") {

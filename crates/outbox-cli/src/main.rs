@@ -497,6 +497,8 @@ pub(crate) fn registry() -> outbox::Registry {
     let registry = outbox::Registry::new();
     #[cfg(feature = "aws")]
     let registry = registry.with(outbox_aws::Aws);
+    #[cfg(feature = "kafka")]
+    let registry = registry.with(outbox_kafka::Kafka);
     registry
 }
 

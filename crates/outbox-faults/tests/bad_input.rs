@@ -41,7 +41,7 @@ fn configuration_mistakes_name_the_key_and_the_fix_and_exit_2() {
         ("schema not an identifier", "[default]\nschema = \"app-outbox\"\n", &["relay"], &["default.schema", "not a plain identifier", "use letters, digits and `_`"]),
         ("publish timeout over the claim bound", "[default.relay]\npublish_timeout = \"60s\"\n", &["relay"], &["relay.transaction_timeout", "raise relay.transaction_timeout"]),
         ("unknown publisher", "[default]\npublisher = \"kafka\"\n", &["relay"], &["use stdout, file:PATH, null or destinations"]),
-        ("unknown destination kind", "[default.destinations.q]\nkind = \"carrier-pigeon\"\n", &["relay"], &["destinations.q.kind", "carrier-pigeon", "use one of: ", "sqs", "file, null"]),
+        ("unknown destination kind", "[default.destinations.q]\nkind = \"carrier-pigeon\"\n", &["relay"], &["destinations.q.kind", "carrier-pigeon", "use one of: ", "sqs", "file", "stdout"]),
         ("misspelt publisher section", "[default.awss]\nregion = \"eu-west-1\"\n", &["relay"], &["`awss`", "unknown key or section", "aws"]),
         ("destination without its required key", "[default.destinations.audit]\nkind = \"file\"\n", &["relay"], &["[destinations.audit]", "path"]),
         ("missing AWS destinations", "[default]\npublisher = \"destinations\"\n", &["relay"], &["`destinations`", "add one, e.g. [default.destinations.orders]"]),
