@@ -485,6 +485,8 @@ pub(crate) fn registry() -> outbox::Registry {
     let registry = outbox::Registry::new();
     #[cfg(feature = "aws")]
     let registry = registry.with(outbox_aws::Aws);
+    #[cfg(feature = "nats")]
+    let registry = registry.with(outbox_nats::Nats);
     registry
 }
 
