@@ -487,6 +487,8 @@ pub(crate) fn registry() -> outbox::Registry {
     let registry = registry.with(outbox_aws::Aws);
     #[cfg(feature = "nats")]
     let registry = registry.with(outbox_nats::Nats);
+    #[cfg(feature = "rabbitmq")]
+    let registry = registry.with(outbox_amqp::RabbitMq);
     registry
 }
 
