@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: starts PostgreSQL and the AWS emulator if needed, then runs every test of
+# The whole test suite: starts PostgreSQL, the AWS emulator, NATS (JetStream) and RabbitMQ if needed, then runs every test of
 # the workspace against them (unit, integration, end-to-end, fault and CLI tests), then the producer
 # examples in other languages (scripts/examples.sh).
 #   scripts/test.sh [extra cargo test args]
@@ -10,6 +10,8 @@ cd "$ROOT"
 require_rust
 ensure_postgres
 ensure_emulator
+ensure_nats
+ensure_rabbitmq
 export DATABASE_URL="$ADMIN_DATABASE_URL"
 
 say "running the test suite"
