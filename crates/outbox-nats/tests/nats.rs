@@ -413,3 +413,38 @@ fn a_missing_nats_section_is_named_and_secrets_are_not_printed() {
     let connection = Connection::new(c.section::<NatsSection>("nats").unwrap().unwrap());
     assert!(!format!("{connection:?}").contains("hunter2"));
 }
+
+#[test]
+fn headers_nats_cannot_carry_or_that_would_steer_the_server_are_dropped() {
+    let mut event = conformance::event(1, "k", "E", serde_json::json!({}));
+    for (name, value) in [
+        ("Nats-Expected-Stream", "OTHER"),
+        ("outbox-event-id", "forged"),
+        ("has space", "v"),
+        ("colon:name", "v"),
+        ("multi-line", "a\r\nPUB x 1"),
+    ] {
+        event.headers.insert(name.into(), value.into());
+    }
+    let (headers, _, dropped) = outbox_nats::publisher::headers_for(&event);
+    assert_eq!(dropped.len(), 5, "{dropped:?}");
+    assert_eq!(
+        headers.get("outbox-event-id").map(|v| v.as_str()),
+        Some(event.id.to_string().as_str())
+    );
+    assert_eq!(
+        headers.get("traceparent").map(|v| v.as_str()),
+        Some(conformance::TRACEPARENT)
+    );
+    assert!(headers.get("Nats-Expected-Stream").is_none());
+}
+
+#[test]
+fn subject_templates_and_the_bootstrap_filter() {
+    let t = outbox_nats::Template::parse("outbox.{aggregate_type}.{event_type}").unwrap();
+    assert_eq!(t.fill("*"), "outbox.*.*");
+    assert_eq!(t.stream_subject(), "outbox.>");
+    assert!(outbox_nats::Template::parse("a.{aggregate_id}")
+        .unwrap_err()
+        .contains("unknown placeholder {aggregate_id}"));
+}
