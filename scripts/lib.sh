@@ -129,3 +129,38 @@ ensure_console_browser() {
 ensure_kafka() {
     bash "$ROOT/scripts/kafka.sh" start >/dev/null
 }
+
+# Whether something listens on 127.0.0.1:PORT.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") >/dev/null 2>&1; }
+
+# NATS with JetStream on 127.0.0.1:4222 (tests of kind = "nats"): started when installed and down.
+# Not installed: says what to install, and fails.
+ensure_nats() {
+    port_open 4222 && return 0
+    local bin
+    bin="$(command -v nats-server 2>/dev/null || echo /usr/sbin/nats-server)"
+    [ -x "$bin" ] || die "NATS does not answer on 127.0.0.1:4222 and nats-server is not installed.
+On Debian: sudo apt-get install nats-server; this script then starts it with JetStream
+(nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server). Or point NATS_URL at a server with -js."
+    say "starting nats-server with JetStream on 127.0.0.1:4222"
+    as_root mkdir -p /var/lib/nats-server
+    as_root start-stop-daemon --start --oknodo --background --exec "$bin" -- \
+        -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+    for _ in $(seq 1 40); do port_open 4222 && return 0; sleep 0.5; done
+    die "nats-server did not start on 127.0.0.1:4222: see /var/log/nats-server.log"
+}
+
+# RabbitMQ on 127.0.0.1:5672 with guest/guest (tests of kind = "rabbitmq"): started when
+# installed and down. Not installed: says what to install, and fails.
+ensure_rabbitmq() {
+    port_open 5672 && return 0
+    command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || \
+        die "RabbitMQ does not answer on 127.0.0.1:5672 and rabbitmq-server is not installed.
+On Debian: sudo apt-get install rabbitmq-server (it starts on 5672 with the user guest/guest,
+which may connect from loopback only). Or point AMQP_URL at a broker."
+    say "starting rabbitmq-server"
+    as_root rabbitmq-server -detached
+    # The Erlang VM takes a few seconds to boot.
+    for _ in $(seq 1 60); do port_open 5672 && return 0; sleep 1; done
+    die "rabbitmq-server did not start on 127.0.0.1:5672: see /var/log/rabbitmq/"
+}

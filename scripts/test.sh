@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: starts PostgreSQL, the AWS emulator and Kafka (tansu) if needed, then runs every test of
+# The whole test suite: starts PostgreSQL, the AWS emulator, Kafka (tansu), NATS (JetStream) and RabbitMQ if needed, then runs every test of
 # the workspace against them (unit, integration, end-to-end, fault and CLI tests), then the producer
 # examples in other languages (scripts/examples.sh).
 #   scripts/test.sh [extra cargo test args]
@@ -13,6 +13,8 @@ ensure_emulator
 ensure_command promtool prometheus
 ensure_console_browser
 ensure_kafka
+ensure_nats
+ensure_rabbitmq
 export DATABASE_URL="$ADMIN_DATABASE_URL"
 # The console's browser test fails instead of skipping when the browser is missing.
 export OUTBOX_TEST_REQUIRE_BROWSER=1

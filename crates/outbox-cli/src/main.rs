@@ -499,6 +499,10 @@ pub(crate) fn registry() -> outbox::Registry {
     let registry = registry.with(outbox_aws::Aws);
     #[cfg(feature = "kafka")]
     let registry = registry.with(outbox_kafka::Kafka);
+    #[cfg(feature = "nats")]
+    let registry = registry.with(outbox_nats::Nats);
+    #[cfg(feature = "rabbitmq")]
+    let registry = registry.with(outbox_amqp::RabbitMq);
     registry
 }
 
