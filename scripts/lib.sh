@@ -52,22 +52,22 @@ ensure_postgres() {
 }
 
 # The project connects as `postgres` over loopback without a password (ADMIN_DATABASE_URL). When
-# that fails, nothing is changed unless asked: OUTBOX_ALLOW_TRUST_AUTH=1 (CI on a throw-away machine)
+# that fails, nothing is changed unless asked: CI_ALLOW_PG_TRUST_AUTH=1 (CI on a throw-away machine)
 # switches loopback to trust in pg_hba.conf and prints the lines it changes; otherwise the error
 # says how to give a URL with credentials instead.
 ensure_trust_auth() {
     if psql "$ADMIN_DATABASE_URL" -Atqc 'select 1' >/dev/null 2>&1; then return 0; fi
-    if [ "${OUTBOX_ALLOW_TRUST_AUTH:-0}" != "1" ]; then
+    if [ "${CI_ALLOW_PG_TRUST_AUTH:-0}" != "1" ]; then
         die "cannot connect to $ADMIN_DATABASE_URL. Either give a URL with credentials:
   ADMIN_DATABASE_URL=postgres://USER:PASSWORD@127.0.0.1:5432/postgres $0
 (the role must be able to create databases), or, on a throw-away machine only, let the script
 switch loopback connections to trust authentication in pg_hba.conf:
-  OUTBOX_ALLOW_TRUST_AUTH=1 $0"
+  CI_ALLOW_PG_TRUST_AUTH=1 $0"
     fi
     local hba
     hba="$(ls /etc/postgresql/*/main/pg_hba.conf 2>/dev/null | sort -V | tail -n 1)"
     [ -n "$hba" ] || die "cannot connect as postgres on 127.0.0.1 and no pg_hba.conf found"
-    say "OUTBOX_ALLOW_TRUST_AUTH=1: switching loopback to trust auth in $hba; lines before:"
+    say "CI_ALLOW_PG_TRUST_AUTH=1: switching loopback to trust auth in $hba; lines before:"
     grep -E '^host\s+all\s+all\s+(127\.0\.0\.1/32|::1/128)\s' "$hba" >&2 || true
     as_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
     say "lines after:"
