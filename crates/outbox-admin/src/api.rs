@@ -1,7 +1,7 @@
 //! `/metrics`, `/api/...` and the console page. The dead-letter endpoints call the same library
 //! functions as `outbox dead ...` (`outbox::postgres::{dead_events, dead_event, replay_dead,
-//! delete_dead}`), so both behave alike: one transaction, the keys' later events released, the
-//! relays woken.
+//! delete_dead}`), so both behave alike: short transactions of `DEAD_CHANGE_BATCH` events, the keys' later
+//! events released, the relays woken.
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};

@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use outbox::config::Problems;
-use outbox::publisher::DestinationRef;
+use outbox::registry::DestinationRef;
 use outbox::Config;
 use serde::{Deserialize, Serialize};
 
-use crate::template::{Template, PLACEHOLDERS};
+use outbox::publisher::template::{Placeholder, Template};
 
 /// The kind this crate builds.
 pub const KIND: &str = "rabbitmq";
@@ -146,11 +146,14 @@ fn validate_destination(d: &DestinationRef<'_>, dest: &RabbitDestination, p: &mu
         ("exchange", &dest.exchange),
         ("routing_key", &dest.routing_key),
     ] {
-        match Template::parse(text) {
+        match Template::parse(text, Placeholder::ALL) {
             Err(problem) => p.add(
                 d.key(key),
                 problem,
-                format!("use the placeholders {PLACEHOLDERS}, e.g. routing_key = \"{{aggregate_type}}.{{event_type}}\""),
+                format!(
+                    "use the placeholders {}, e.g. routing_key = \"{{aggregate_type}}.{{event_type}}\"",
+                    Placeholder::list(Placeholder::ALL)
+                ),
             ),
             Ok(t) => {
                 if let Some(problem) = short_string_problem(&t.fill("")) {

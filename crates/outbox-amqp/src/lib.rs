@@ -23,18 +23,16 @@
 
 pub mod config;
 pub mod publisher;
-mod template;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use outbox::config::Problems;
-use outbox::publisher::{BuildError, DestinationRef, PublisherFactory};
+use outbox::registry::{BuildError, DestinationRef, PublisherFactory};
 use outbox::{Config, Publisher};
 
 pub use config::{BodyFormat, RabbitConfig, RabbitDestination, RabbitSection};
 pub use publisher::{Connection, RabbitPublisher};
-pub use template::Template;
 
 /// The RabbitMQ publisher kind (`kind = "rabbitmq"`) and its `[rabbitmq]` section.
 #[derive(Debug, Default, Clone, Copy)]

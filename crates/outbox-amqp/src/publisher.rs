@@ -24,17 +24,10 @@ use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink}
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use tokio::sync::Mutex;
 
-use crate::config::{short_string_problem, RabbitDestination, RabbitSection};
-use crate::template::Template;
+use outbox::publisher::headers as outbox_headers;
 
-/// Header: the event id.
-pub const HEADER_EVENT_ID: &str = "outbox-event-id";
-/// Header: the event type.
-pub const HEADER_EVENT_TYPE: &str = "outbox-event-type";
-/// Header: the aggregate type.
-pub const HEADER_AGGREGATE_TYPE: &str = "outbox-aggregate-type";
-/// Header: the aggregate id.
-pub const HEADER_AGGREGATE_ID: &str = "outbox-aggregate-id";
+use crate::config::{short_string_problem, RabbitDestination, RabbitSection};
+use outbox::publisher::template::{Placeholder, Template};
 
 /// Events of one wave in flight at once.
 const MAX_IN_FLIGHT: usize = 256;
@@ -137,8 +130,8 @@ impl RabbitPublisher {
     ) -> Result<Self, String> {
         Ok(Self {
             name: name.to_owned(),
-            exchange: Template::parse(&config.exchange)?,
-            routing_key: Template::parse(&config.routing_key)?,
+            exchange: Template::parse(&config.exchange, Placeholder::ALL)?,
+            routing_key: Template::parse(&config.routing_key, Placeholder::ALL)?,
             config,
             connection,
             channel: Mutex::new(None),
@@ -183,14 +176,12 @@ pub fn headers_for(event: &OutboxEvent) -> (FieldTable, Vec<String>) {
             AMQPValue::LongString(LongString::from(value.to_owned())),
         );
     };
-    put(HEADER_EVENT_ID, &event.id.to_string());
-    put(HEADER_EVENT_TYPE, &event.event_type);
-    put(HEADER_AGGREGATE_TYPE, &event.aggregate_type);
-    put(HEADER_AGGREGATE_ID, &event.aggregate_id);
+    for (name, value) in outbox_headers::identity(event) {
+        put(name, &value);
+    }
     let mut dropped = Vec::new();
     for (name, value) in &event.headers {
-        if name.to_ascii_lowercase().starts_with("outbox-") || short_string_problem(name).is_some()
-        {
+        if outbox_headers::is_reserved(name) || short_string_problem(name).is_some() {
             dropped.push(name.clone());
             continue;
         }

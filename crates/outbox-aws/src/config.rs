@@ -3,9 +3,9 @@
 //! the fix. Routing (`[[routes]]`, `default_destination`) is the core's, for every kind.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
-use outbox::publisher::DestinationRef;
+use outbox::publisher::template::{Placeholder, Template};
+use outbox::registry::DestinationRef;
 use serde::{Deserialize, Serialize};
 
 /// The endpoint the `local` profile uses when neither the configuration nor `AWS_ENDPOINT_URL*`
@@ -49,8 +49,6 @@ pub enum AwsConfigError {
     },
     #[error("no AWS region for profile `{profile}`: set AWS_REGION (or a region in your AWS_PROFILE), or aws.region in outbox.toml")]
     NoRegion { profile: String },
-    #[error("unknown profile `{0}`: use local, dev or prod")]
-    UnknownProfile(String),
     /// Every problem found, when there is more than one.
     #[error("{} problems in the AWS configuration:\n  - {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  - "))]
     Several(Vec<AwsConfigError>),
@@ -83,41 +81,10 @@ impl AwsConfigError {
     }
 }
 
-/// Which world the AWS clients talk to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Profile {
-    /// An emulator on loopback (moto or LocalStack): dummy credentials, may create infrastructure.
-    Local,
-    /// Real AWS with the default credential chain; never creates infrastructure.
-    Dev,
-    /// Real AWS with the default credential chain; never creates infrastructure.
-    Prod,
-}
-
-impl Profile {
-    pub fn parse(name: &str) -> Result<Self, AwsConfigError> {
-        match name {
-            "local" => Ok(Self::Local),
-            "dev" => Ok(Self::Dev),
-            "prod" => Ok(Self::Prod),
-            other => Err(AwsConfigError::UnknownProfile(other.to_owned())),
-        }
-    }
-    pub fn is_local(self) -> bool {
-        self == Self::Local
-    }
-}
-
-impl fmt::Display for Profile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Local => "local",
-            Self::Dev => "dev",
-            Self::Prod => "prod",
-        })
-    }
-}
+/// Which world the AWS clients talk to: the configuration's profile. `local` is an emulator on
+/// loopback (dummy credentials, may create infrastructure); `dev` and `prod` are real AWS with the
+/// default credential chain and never create infrastructure.
+pub use outbox::config::Profile;
 
 /// `[aws]`: clients, the default destination, large payloads and the local bootstrap.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -432,7 +399,7 @@ pub struct AwsSettings {
 impl AwsSettings {
     /// Reads and validates `[aws]` of an [`outbox::Config`].
     pub fn from_config(config: &outbox::Config) -> Result<Self, AwsConfigError> {
-        let profile = Profile::parse(&config.profile)?;
+        let profile = config.profile;
         let aws: AwsSection = config
             .section("aws")
             .map_err(|e| AwsConfigError::Section {
@@ -559,7 +526,7 @@ impl AwsConfig {
         config: &outbox::Config,
         destinations: &[DestinationRef<'_>],
     ) -> Result<Self, AwsConfigError> {
-        let profile = Profile::parse(&config.profile)?;
+        let profile = config.profile;
         let mut problems = Vec::new();
         let aws: Option<AwsSection> = match config.section("aws") {
             Ok(aws) => aws,
@@ -756,7 +723,7 @@ fn validate_destination(
                 ));
             }
             for (field, template) in [("source", &eb.source), ("detail_type", &eb.detail_type)] {
-                if let Err(problem) = check_template(template) {
+                if let Err(problem) = parse_template(template) {
                     problems.push(AwsConfigError::value(
                         key(field),
                         problem,
@@ -809,35 +776,16 @@ fn validate_destination(
     }
 }
 
-/// The placeholders a template may use.
-const PLACEHOLDERS: &[&str] = &["aggregate_type", "event_type"];
+/// The placeholders EventBridge's `source` and `detail_type` templates may use.
+const TEMPLATE_PLACEHOLDERS: &[Placeholder] = &[Placeholder::AggregateType, Placeholder::EventType];
 
-fn check_template(template: &str) -> Result<(), String> {
+/// Parses an EventBridge `source` or `detail_type` template (never empty: EventBridge requires
+/// both fields).
+pub(crate) fn parse_template(template: &str) -> Result<Template, String> {
     if template.is_empty() {
         return Err("the template is empty".into());
     }
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        let Some(close) = after.find('}') else {
-            return Err(format!("{template:?} has an unclosed `{{`"));
-        };
-        let name = &after[..close];
-        if !PLACEHOLDERS.contains(&name) {
-            return Err(format!(
-                "{template:?} uses unknown placeholder `{{{name}}}`"
-            ));
-        }
-        rest = &after[close + 1..];
-    }
-    Ok(())
-}
-
-/// Renders a validated template for an event.
-pub(crate) fn render_template(template: &str, event: &outbox::OutboxEvent) -> String {
-    template
-        .replace("{aggregate_type}", &event.aggregate_type)
-        .replace("{event_type}", &event.event_type)
+    Template::parse(template, TEMPLATE_PLACEHOLDERS)
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 
 use crate::claim_check::{check_with_bucket, Offloader};
-use crate::config::{render_template, EventBridgeDestination, Profile};
+use outbox::publisher::template::Template;
+
+use crate::config::{parse_template, EventBridgeDestination, Profile};
 use crate::errors::{classify, is_throttling_code, is_transient_code, service_code};
 use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
 
@@ -25,6 +27,8 @@ const TIME_BYTES: usize = 14;
 pub struct EventBridgePublisher {
     name: String,
     config: EventBridgeDestination,
+    source: Template,
+    detail_type: Template,
     client: aws_sdk_eventbridge::Client,
     offloader: Option<Offloader>,
     profile: Profile,
@@ -40,8 +44,13 @@ impl EventBridgePublisher {
         profile: Profile,
         endpoint: Option<String>,
     ) -> Self {
+        // Validated with the configuration; the literal is only what an unvalidated text becomes.
+        let template =
+            |text: &str| parse_template(text).unwrap_or_else(|_| Template::literal(text));
         Self {
             name: name.to_owned(),
+            source: template(&config.source),
+            detail_type: template(&config.detail_type),
             config,
             client,
             offloader,
@@ -75,8 +84,8 @@ impl Sink for EventBridgePublisher {
         &self,
         event: &OutboxEvent,
     ) -> Result<Prepared<PutEventsRequestEntry>, PublishError> {
-        let source = render_template(&self.config.source, event);
-        let detail_type = render_template(&self.config.detail_type, event);
+        let source = self.source.render(event);
+        let detail_type = self.detail_type.render(event);
         let too_large = |size: usize| {
             PublishError::permanent(format!(
                 "event {} makes an EventBridge entry of {size} bytes, over the limit of {} bytes of \

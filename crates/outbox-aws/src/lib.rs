@@ -28,7 +28,7 @@ mod errors;
 
 use async_trait::async_trait;
 use outbox::config::Problems;
-use outbox::publisher::{BuildError, DestinationRef, PublisherFactory};
+use outbox::registry::{BuildError, DestinationRef, PublisherFactory};
 use outbox::{Config, Publisher};
 
 pub use bootstrap::{bootstrap, bootstrap_with, BootstrapError, BootstrapReport};

@@ -25,11 +25,8 @@ use crate::claim_check::{check_with_bucket, Offloader, CLAIM_CHECK_ATTRIBUTE};
 use crate::config::{Profile, SqsDestination};
 use crate::errors::{classify, is_throttling_code, is_transient_code, service_code};
 use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
+use outbox::publisher::headers as outbox_headers;
 
-pub const ATTR_EVENT_ID: &str = "outbox-event-id";
-pub const ATTR_EVENT_TYPE: &str = "outbox-event-type";
-pub const ATTR_AGGREGATE_TYPE: &str = "outbox-aggregate-type";
-pub const ATTR_AGGREGATE_ID: &str = "outbox-aggregate-id";
 /// Attributes every message carries, plus the reserved claim-check slot.
 pub(crate) const FIXED_ATTRIBUTES: usize = 5;
 /// What the claim-check flag attribute adds to a message's size.
@@ -362,12 +359,7 @@ pub(crate) fn attribute_pairs(
     max_attributes: usize,
 ) -> (Vec<(String, String)>, Vec<String>) {
     let mut attributes = Vec::with_capacity(max_attributes);
-    for (name, value) in [
-        (ATTR_EVENT_ID, event.id.to_string()),
-        (ATTR_EVENT_TYPE, event.event_type.clone()),
-        (ATTR_AGGREGATE_TYPE, event.aggregate_type.clone()),
-        (ATTR_AGGREGATE_ID, event.aggregate_id.clone()),
-    ] {
+    for (name, value) in outbox_headers::identity(event) {
         attributes.push((name.to_owned(), value));
     }
     let mut budget = max_attributes.saturating_sub(FIXED_ATTRIBUTES);
@@ -381,7 +373,7 @@ pub(crate) fn attribute_pairs(
     headers.sort_by_key(|(name, _)| priority(name)); // stable: by name within a priority
     for (name, value) in headers {
         let usable = valid_attribute_name(name)
-            && !name.to_ascii_lowercase().starts_with("outbox-")
+            && !outbox_headers::is_reserved(name)
             && !value.is_empty()
             && value.chars().all(valid_sqs_char);
         if usable && budget > 0 {
@@ -497,7 +489,7 @@ mod tests {
         assert!(attrs.contains_key("tracestate") && attrs.contains_key("a3"));
         assert!(!attrs.contains_key("a4"));
         assert_eq!(
-            attrs[ATTR_EVENT_ID].string_value(),
+            attrs[outbox_headers::EVENT_ID].string_value(),
             Some(e.id.to_string().as_str())
         );
         for name in ["a4", "AWS.reserved", "empty", "bad name", "outbox-event-id"] {

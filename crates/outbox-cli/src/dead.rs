@@ -2,6 +2,8 @@
 //! library functions in `outbox::postgres` (so a later admin API does the same thing).
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -273,10 +275,14 @@ pub async fn run(config: &Config, action: DeadAction) -> Result<()> {
         }
         DeadAction::Replay { targets, json } => {
             let selection = targets.selection()?;
-            let change = postgres::replay_dead(&pool, schema, &selection)
-                .await
-                .map_err(admin_error)?;
-            report(&change, "replayed", json)
+            let stop = StopOnSignal::install()?;
+            let change = postgres::replay_dead_with_progress(&pool, schema, &selection, |so_far| {
+                stop.progress("replayed", so_far)
+            })
+            .await
+            .map_err(admin_error)?;
+            report(&change, "replayed", json)?;
+            stop.finish(&change, "replay")
         }
         DeadAction::Delete {
             targets,
@@ -314,10 +320,14 @@ pub async fn run(config: &Config, action: DeadAction) -> Result<()> {
                     None => return Ok(()),
                 }
             };
-            let change = postgres::delete_dead(&pool, schema, &selection)
-                .await
-                .map_err(admin_error)?;
-            report(&change, "deleted", json)
+            let stop = StopOnSignal::install()?;
+            let change = postgres::delete_dead_with_progress(&pool, schema, &selection, |so_far| {
+                stop.progress("deleted", so_far)
+            })
+            .await
+            .map_err(admin_error)?;
+            report(&change, "deleted", json)?;
+            stop.finish(&change, "delete")
         }
     }
 }
@@ -371,12 +381,68 @@ async fn confirm(
     Ok(Some(DeadSelection::Ids(ids)))
 }
 
+/// A replay or delete of many events runs in transactions of `DEAD_CHANGE_BATCH` events: between
+/// two it prints how far it got, and the first SIGINT or SIGTERM stops it there (what is done stays
+/// done, the rest untouched; the same command continues). A second signal exits at once, rolling
+/// back only the transaction in flight.
+struct StopOnSignal {
+    received: Arc<OnceLock<&'static str>>,
+}
+
+impl StopOnSignal {
+    fn install() -> Result<Self> {
+        let signals = crate::signals::Signals::install()?;
+        let received = Arc::new(OnceLock::new());
+        let format = crate::LOG_FORMAT.get().copied().unwrap_or_default();
+        tokio::spawn(signals.first(received.clone(), format));
+        Ok(Self { received })
+    }
+
+    fn progress(&self, verb: &str, so_far: &DeadChange) -> ControlFlow<()> {
+        match self.received.get() {
+            Some(_) => ControlFlow::Break(()),
+            None => {
+                eprintln!(
+                    "{verb} {} dead events so far ({} later events released); Ctrl-C stops after \
+                     the next {} at most",
+                    so_far.changed.len(),
+                    so_far.released,
+                    postgres::DEAD_CHANGE_BATCH
+                );
+                ControlFlow::Continue(())
+            }
+        }
+    }
+
+    fn finish(&self, change: &DeadChange, what: &str) -> Result<()> {
+        if change.interrupted {
+            return Err(Interrupted {
+                signal: self.received.get().copied().unwrap_or("a signal"),
+                what: what.to_owned(),
+                done: change.changed.len(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// A long replay or delete stopped by a signal between two transactions: exit 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} interrupted by {signal} after {done} events (each one complete, the rest untouched): run the same command again to continue")]
+pub struct Interrupted {
+    signal: &'static str,
+    what: String,
+    done: usize,
+}
+
 fn report(change: &DeadChange, verb: &str, json: bool) -> Result<()> {
     if json {
         out(serde_json::json!({
             verb: change.changed,
             "not_found": change.not_found,
             "released": change.released,
+            "interrupted": change.interrupted,
         }))?;
     } else {
         out(format!(

@@ -211,7 +211,7 @@ impl std::error::Error for UsageError {}
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// The log format, for the lines printed outside the subscriber (the final error).
-static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
+pub(crate) static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 fn main() -> ExitCode {
     out::quiet_broken_pipe_panics();

@@ -118,7 +118,7 @@ async fn start_admin(
 ) -> Result<tokio::task::JoinHandle<()>> {
     let metrics = outbox_admin::prometheus().context("starting the admin listener")?;
     // Installed only now: the relay's info gauge was set before there was a recorder.
-    outbox::metrics::relay_info(&config.profile, config.schema.as_str());
+    outbox::metrics::relay_info(config.profile.as_str(), config.schema.as_str());
     let state = outbox_admin::AdminState::new(
         pool,
         config.schema.clone(),

@@ -39,6 +39,7 @@ use aws_sdk_sqs::types::{
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::delivery::Delivery;
 use crate::handler::{Handled, Handler};
@@ -448,7 +449,19 @@ impl<H: Handler> GroupContext<H> {
                 return false;
             }
         };
-        let call = AssertUnwindSafe(self.handler.handle(&delivery)).catch_unwind();
+        // The OpenTelemetry messaging conventions for handling one message: a consumer span that
+        // continues the trace the producer's span started (its `traceparent` travelled along).
+        let span = tracing::info_span!(
+            "process",
+            otel.name = "process",
+            otel.kind = "consumer",
+            messaging.system = "aws_sqs",
+            messaging.operation.type = "process",
+            messaging.message.id = %delivery.message_id,
+            outbox.event_id = %delivery.event_id,
+        );
+        outbox::trace::continue_trace(&span, |name| delivery.header(name));
+        let call = AssertUnwindSafe(self.handler.handle(&delivery).instrument(span)).catch_unwind();
         let outcome = match call.await {
             Ok(result) => result,
             Err(_) => Err("handler panicked".into()),

@@ -1,13 +1,19 @@
-//! [`Delivery`]: one received event, built from an SQS message the outbox relay sent.
+//! [`Delivery`]: one received event, built from a message the outbox relay sent.
 //!
-//! The event id comes from the `outbox-event-id` attribute (every message the relay sends has it),
-//! or, for `body = "envelope"` destinations without attributes, from the envelope's `id`. The body
-//! is the original one: claim checks are resolved from S3 with [`outbox_aws::resolve_payload`].
+//! The event id comes from the `outbox-event-id` header or attribute (every kind of destination
+//! sends it, see [`outbox::publisher::headers`]), or, for `body = "envelope"` messages without
+//! headers, from the envelope's `id`. [`Delivery::from_headers`] builds a delivery from any
+//! broker's message; `Delivery::from_message` (feature `aws`) from an SQS message, with claim
+//! checks resolved from S3.
 
 use std::collections::HashMap;
 
+#[cfg(feature = "aws")]
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
-use outbox_aws::sqs::{ATTR_AGGREGATE_ID, ATTR_AGGREGATE_TYPE, ATTR_EVENT_ID, ATTR_EVENT_TYPE};
+use outbox::publisher::headers::{
+    AGGREGATE_ID as ATTR_AGGREGATE_ID, AGGREGATE_TYPE as ATTR_AGGREGATE_TYPE,
+    EVENT_ID as ATTR_EVENT_ID, EVENT_TYPE as ATTR_EVENT_TYPE,
+};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
@@ -19,6 +25,7 @@ pub enum DeliveryError {
     NoEventId { message_id: String },
     #[error("message {message_id} has an event id that is not a UUID: {value:?}")]
     BadEventId { message_id: String, value: String },
+    #[cfg(feature = "aws")]
     #[error("message {message_id}: {source}")]
     Resolve {
         message_id: String,
@@ -35,20 +42,63 @@ pub struct Delivery {
     pub event_type: Option<String>,
     pub aggregate_type: Option<String>,
     pub aggregate_id: Option<String>,
-    /// The SQS message id (differs between re-sent copies of one event).
+    /// The broker's message id (differs between re-sent copies of one event), or a position such
+    /// as `topic/partition/offset`.
     pub message_id: String,
     /// FIFO queues: the message group (the relay uses the ordering key).
     pub group_id: Option<String>,
-    /// How many times SQS has handed this message out, this time included.
+    /// How many times the broker has handed this message out, this time included (1 when the
+    /// broker does not say).
     pub receive_count: u32,
     /// The original body (payload or envelope JSON), claim check resolved.
     pub body: String,
-    /// Every String message attribute (the event's headers among them).
+    /// Every string header or message attribute (the event's own headers among them).
     pub attributes: HashMap<String, String>,
 }
 
 impl Delivery {
+    /// Builds a delivery from any broker's message: its id (or position), its string headers and
+    /// its body. Fails when neither the `outbox-event-id` header nor an envelope `id` names the
+    /// event (a message the relay did not send).
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use outbox_consumer::Delivery;
+    ///
+    /// let headers = HashMap::from([
+    ///     ("outbox-event-id".to_owned(), "0192d4e0-7b5a-7c1e-9f00-000000000001".to_owned()),
+    ///     ("outbox-event-type".to_owned(), "OrderPlaced".to_owned()),
+    /// ]);
+    /// let delivery = Delivery::from_headers("orders/0/42", headers, r#"{"total": 12}"#.into()).unwrap();
+    /// assert_eq!(delivery.event_type.as_deref(), Some("OrderPlaced"));
+    /// ```
+    pub fn from_headers(
+        message_id: impl Into<String>,
+        headers: HashMap<String, String>,
+        body: String,
+    ) -> Result<Self, DeliveryError> {
+        let message_id = message_id.into();
+        let event_id = event_id(&message_id, &headers, &body)?;
+        Ok(Self {
+            event_id,
+            event_type: headers.get(ATTR_EVENT_TYPE).cloned(),
+            aggregate_type: headers.get(ATTR_AGGREGATE_TYPE).cloned(),
+            aggregate_id: headers.get(ATTR_AGGREGATE_ID).cloned(),
+            message_id,
+            group_id: None,
+            receive_count: 1,
+            body,
+            attributes: headers,
+        })
+    }
+
+    /// A header or message attribute by name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.attributes.get(name).map(String::as_str)
+    }
+
     /// Builds a delivery, fetching a claim-checked body from S3.
+    #[cfg(feature = "aws")]
     pub async fn from_message(
         s3: &aws_sdk_s3::Client,
         message: &Message,
@@ -67,25 +117,20 @@ impl Delivery {
             .flatten()
             .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_owned())))
             .collect();
-        let event_id = event_id(&message_id, &attributes, &body)?;
         let system = |name: MessageSystemAttributeName| {
             message
                 .attributes()
                 .and_then(|a| a.get(&name))
                 .map(String::as_str)
         };
+        let group_id = system(MessageSystemAttributeName::MessageGroupId).map(str::to_owned);
+        let receive_count = system(MessageSystemAttributeName::ApproximateReceiveCount)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(1);
         Ok(Self {
-            event_id,
-            event_type: attributes.get(ATTR_EVENT_TYPE).cloned(),
-            aggregate_type: attributes.get(ATTR_AGGREGATE_TYPE).cloned(),
-            aggregate_id: attributes.get(ATTR_AGGREGATE_ID).cloned(),
-            group_id: system(MessageSystemAttributeName::MessageGroupId).map(str::to_owned),
-            receive_count: system(MessageSystemAttributeName::ApproximateReceiveCount)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(1),
-            message_id,
-            body,
-            attributes,
+            group_id,
+            receive_count,
+            ..Self::from_headers(message_id, attributes, body)?
         })
     }
 

@@ -2,6 +2,7 @@
 //! idempotency stores, failures redelivered and never marked seen, poison messages dead-lettered
 //! by the redrive policy, slow handlers kept invisible, graceful shutdown.
 
+mod any_broker;
 mod common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -527,4 +528,135 @@ async fn first_time_applies_a_redelivered_event_once_for_any_broker_and_old_mark
     assert_eq!(purged, 1);
     assert!(!inbox.seen(old).await.unwrap());
     assert!(inbox.seen(event_id).await.unwrap(), "recent marks stay");
+}
+
+/// Records the trace id of the span each delivery is handled in.
+struct TraceRecorder(Arc<std::sync::Mutex<Vec<opentelemetry::trace::TraceId>>>);
+
+#[async_trait]
+impl Handler for TraceRecorder {
+    async fn handle(&self, _: &Delivery) -> Result<Handled, HandlerError> {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let context = tracing::Span::current().context();
+        let trace_id = context.span().span_context().trace_id();
+        self.0.lock().expect("lock").push(trace_id);
+        Ok(Handled::Processed)
+    }
+}
+
+/// Issue 10 §3: the trace context of the span active at `Outbox::enqueue` is stored with the event
+/// (no header set by hand), the relay's publish span links to it, it travels in the SQS message
+/// attributes, and the consumer's processing span continues the producer's trace.
+#[tokio::test]
+async fn the_producers_trace_id_is_read_back_at_the_consumer() {
+    use opentelemetry::trace::{TraceContextExt, TracerProvider};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+    use tracing::Instrument;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("outbox-test")));
+    // The test's runtime is single-threaded: the relay and the consumer run on this thread too.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let f = fixture(5, false).await;
+    let db = TestDb::new().await.unwrap();
+    let span = tracing::info_span!("place_order");
+    async {
+        let mut tx = db.pool.begin().await.unwrap();
+        let event = outbox::NewEvent::new("order", "o-1", "OrderPlaced")
+            .destination("q")
+            .payload(&serde_json::json!({"order_id": "o-1"}))
+            .unwrap();
+        outbox::Outbox::new(Default::default())
+            .enqueue(&mut tx, event)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    .instrument(span.clone())
+    .await;
+    let producer = span.context().span().span_context().clone();
+    assert!(
+        producer.is_valid(),
+        "the test's producer span is not recorded"
+    );
+    drop(span);
+
+    let stored: serde_json::Value = sqlx::query_scalar("SELECT headers FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let traceparent = stored["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        traceparent.contains(&producer.trace_id().to_string()),
+        "enqueue did not store the producer's trace context: {stored}"
+    );
+
+    let publisher = outbox::Registry::new()
+        .with(outbox_aws::Aws)
+        .build(&f.config)
+        .await
+        .unwrap();
+    let store = outbox::PgStore::new(db.pool.clone(), Default::default())
+        .await
+        .unwrap();
+    let relay = outbox::Relay::new(store, publisher, Default::default());
+    assert_eq!(relay.drain().await.unwrap().published, 1);
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let consumer = Consumer::new(
+        f.clients.sqs.clone(),
+        f.clients.s3.clone(),
+        options(&f.queue_url, 5),
+    )
+    .unwrap();
+    let stats = consumer.stats();
+    let (stop, shutdown) = stopper();
+    let recorder = TraceRecorder(seen.clone());
+    let run = tokio::spawn(async move { consumer.run(recorder, shutdown).await });
+    let handled = eventually(Duration::from_secs(20), || async {
+        stats.snapshot().processed >= 1
+    })
+    .await;
+    stop.send(true).unwrap();
+    run.await.unwrap().unwrap();
+    assert!(handled, "the event was not consumed");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![producer.trace_id()],
+        "the consumer's span is not in the producer's trace"
+    );
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let publish = spans
+        .iter()
+        .find(|s| s.name == "publish")
+        .expect("no publish span was exported");
+    assert_eq!(publish.span_kind, opentelemetry::trace::SpanKind::Producer);
+    assert!(
+        publish
+            .links
+            .iter()
+            .any(|l| l.span_context.trace_id() == producer.trace_id()),
+        "the publish span does not link to the producer's span: {:?}",
+        publish.links
+    );
+    let process = spans
+        .iter()
+        .find(|s| s.name == "process")
+        .expect("no process span was exported");
+    assert_eq!(process.span_kind, opentelemetry::trace::SpanKind::Consumer);
+    assert_eq!(process.span_context.trace_id(), producer.trace_id());
+    assert_eq!(process.parent_span_id, producer.span_id());
+    db.drop_db().await.unwrap();
 }

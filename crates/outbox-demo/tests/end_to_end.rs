@@ -107,7 +107,7 @@ impl World {
         })
         .unwrap();
         // The table carries the configured payload limit, as `outbox migrate` would set it.
-        outbox::postgres::migrate_from_config(&mut orders_db.connect().await.unwrap(), &config)
+        outbox::migrate_from_config(&mut orders_db.connect().await.unwrap(), &config)
             .await
             .unwrap();
         outbox_aws::bootstrap(&config).await.unwrap();

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use outbox::config::Problems;
-use outbox::publisher::DestinationRef;
+use outbox::publisher::template::{Placeholder, Template};
+use outbox::registry::DestinationRef;
 use outbox::Config;
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -119,16 +120,9 @@ impl KafkaDestination {
         d.settings()
     }
 
-    /// Whether the topic is a template (it then names a topic per event).
-    pub fn is_template(&self) -> bool {
-        self.topic.contains('{')
-    }
-
-    /// The topic of `event`.
-    pub fn topic_of(&self, event: &outbox::OutboxEvent) -> String {
-        self.topic
-            .replace("{aggregate_type}", &event.aggregate_type)
-            .replace("{event_type}", &event.event_type)
+    /// The parsed topic template (a plain topic is a template without placeholders).
+    pub fn topic_template(&self) -> Result<Template, String> {
+        Template::parse(&self.topic, TOPIC_PLACEHOLDERS)
     }
 }
 
@@ -139,7 +133,8 @@ pub fn is_secret(key: &str) -> bool {
 }
 
 /// The placeholders a topic template may use.
-const PLACEHOLDERS: &[&str] = &["aggregate_type", "event_type"];
+pub const TOPIC_PLACEHOLDERS: &[Placeholder] =
+    &[Placeholder::AggregateType, Placeholder::EventType];
 
 /// Why a topic (template) is not usable, if it is not.
 pub fn topic_problem(template: &str) -> Option<String> {
@@ -147,23 +142,10 @@ pub fn topic_problem(template: &str) -> Option<String> {
         return Some("the topic is empty".into());
     }
     // The text around the placeholders must itself be valid in a topic name.
-    let mut literal = String::new();
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        literal.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let Some(close) = after.find('}') else {
-            return Some(format!("{template:?} has an unclosed `{{`"));
-        };
-        let name = &after[..close];
-        if !PLACEHOLDERS.contains(&name) {
-            return Some(format!(
-                "{template:?} uses unknown placeholder `{{{name}}}`"
-            ));
-        }
-        rest = &after[close + 1..];
-    }
-    literal.push_str(rest);
+    let literal = match Template::parse(template, TOPIC_PLACEHOLDERS) {
+        Ok(parsed) => parsed.fill(""),
+        Err(problem) => return Some(problem),
+    };
     if let Some(bad) = literal.chars().find(|c| !is_topic_char(*c)) {
         return Some(format!(
             "{template:?} has {bad:?}, which Kafka refuses in a topic name"
@@ -248,7 +230,7 @@ impl KafkaConfig {
             .get("kafka")
             .and_then(|v| v.as_dict())
             .is_some_and(|d| d.contains_key("brokers"));
-        if !explicit_brokers && config.profile != "local" && !destinations.is_empty() {
+        if !explicit_brokers && !config.profile.is_local() && !destinations.is_empty() {
             // The loopback default is for the local broker; a deployment must name its cluster.
             problems.add(
                 "kafka.brokers",
@@ -431,7 +413,7 @@ mod tests {
         assert!(topic_problem("x.{aggregate}")
             .unwrap()
             .contains("{aggregate}"));
-        assert!(topic_problem("x.{event_type").unwrap().contains("unclosed"));
+        assert!(topic_problem("x.{event_type").unwrap().contains("without"));
         assert!(topic_problem(&"a".repeat(250)).is_some());
     }
 

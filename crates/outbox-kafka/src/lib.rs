@@ -29,12 +29,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use outbox::config::Problems;
-use outbox::publisher::{BuildError, DestinationRef, PublisherFactory};
+use outbox::registry::{BuildError, DestinationRef, PublisherFactory};
 use outbox::{Config, Publisher};
 use rdkafka::producer::FutureProducer;
 
 pub use config::{BodyFormat, KafkaConfig, KafkaDestination, KafkaSection};
-pub use publisher::{KafkaPublisher, HEADER_EVENT_ID};
+pub use publisher::KafkaPublisher;
 
 /// The kind `kafka` and its `[kafka]` section (brokers and librdkafka properties).
 #[derive(Debug, Default, Clone, Copy)]

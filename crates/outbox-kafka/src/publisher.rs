@@ -22,23 +22,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
+use outbox::publisher::headers as outbox_headers;
+use outbox::publisher::template::Template;
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::{is_topic_char, KafkaDestination, MAX_TOPIC_LEN};
-
-/// Header carrying the event id (Kafka has no message id: consumers deduplicate on it).
-pub const HEADER_EVENT_ID: &str = "outbox-event-id";
-/// Header carrying the event type.
-pub const HEADER_EVENT_TYPE: &str = "outbox-event-type";
-/// Header carrying the aggregate type.
-pub const HEADER_AGGREGATE_TYPE: &str = "outbox-aggregate-type";
-/// Header carrying the aggregate id.
-pub const HEADER_AGGREGATE_ID: &str = "outbox-aggregate-id";
-/// Header carrying the event's creation time (RFC 3339, UTC).
-pub const HEADER_CREATED_AT: &str = "outbox-created-at";
 
 /// Most records enqueued per wave request; librdkafka batches them into produce requests itself.
 const MAX_ENTRIES: usize = 10_000;
@@ -57,6 +48,7 @@ pub struct KafkaRecord {
 pub struct KafkaPublisher {
     name: String,
     destination: KafkaDestination,
+    topic: Template,
     producer: Arc<FutureProducer>,
     brokers: String,
     delivery_timeout: Duration,
@@ -83,8 +75,13 @@ impl KafkaPublisher {
         brokers: &str,
         delivery_timeout: Duration,
     ) -> Self {
+        // Validated with the configuration; the literal is only what an unvalidated text becomes.
+        let topic = destination
+            .topic_template()
+            .unwrap_or_else(|_| Template::literal(destination.topic.clone()));
         Self {
             name: name.to_owned(),
+            topic,
             destination,
             producer,
             brokers: brokers.to_owned(),
@@ -93,7 +90,7 @@ impl KafkaPublisher {
     }
 
     fn record(&self, event: &OutboxEvent) -> Result<Prepared<KafkaRecord>, PublishError> {
-        let topic = self.destination.topic_of(event);
+        let topic = self.topic.render(event);
         if topic.is_empty()
             || topic.len() > MAX_TOPIC_LEN
             || !topic.chars().all(is_topic_char)
@@ -108,17 +105,12 @@ impl KafkaPublisher {
             )));
         }
         let value = self.destination.body.render(event);
-        let headers = vec![
-            (HEADER_EVENT_ID, event.id.to_string()),
-            (HEADER_EVENT_TYPE, event.event_type.clone()),
-            (HEADER_AGGREGATE_TYPE, event.aggregate_type.clone()),
-            (HEADER_AGGREGATE_ID, event.aggregate_id.clone()),
-            (HEADER_CREATED_AT, event.created_at.to_rfc3339()),
-        ];
+        let mut headers = outbox_headers::identity(event).to_vec();
+        headers.push((outbox_headers::CREATED_AT, event.created_at.to_rfc3339()));
         let own_headers: Vec<(String, String)> = event
             .headers
             .iter()
-            .filter(|(name, _)| !name.starts_with("outbox-"))
+            .filter(|(name, _)| !outbox_headers::is_reserved(name))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         let key = event.ordering_key().to_string();
@@ -200,7 +192,10 @@ impl KafkaPublisher {
 
     async fn check_metadata(&self) -> Result<(), PublishError> {
         let producer = self.producer.clone();
-        let topic = (!self.destination.is_template()).then(|| self.destination.topic.clone());
+        let topic = self
+            .topic
+            .is_literal()
+            .then(|| self.destination.topic.clone());
         let timeout = self.delivery_timeout.min(Duration::from_secs(5));
         // `fetch_metadata` blocks its thread until the broker answers or the timeout passes.
         let metadata = tokio::task::spawn_blocking(move || {
@@ -216,7 +211,7 @@ impl KafkaPublisher {
                 timeout.as_millis()
             ))
         })?;
-        if self.destination.is_template() {
+        if !self.topic.is_literal() {
             return Ok(());
         }
         let topic = &self.destination.topic;

@@ -5,14 +5,13 @@
 //! `OUTBOX_TEST_KAFKA` overrides the broker (`host:port`, loopback only).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use outbox::{NewEvent, Outbox, PgStore, PgStoreOptions, Publisher, Relay, RelayOptions, Schema};
 use outbox_kafka::Kafka;
 use outbox_testkit::conformance::{self, Fixture, Received, Receiver};
-use outbox_testkit::TestDb;
+use outbox_testkit::{kafka_available, kafka_brokers as brokers, TestDb};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -20,52 +19,6 @@ use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 3;
-
-fn brokers() -> String {
-    let brokers =
-        std::env::var("OUTBOX_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".to_owned());
-    assert!(
-        brokers.starts_with("127.0.0.1:") || brokers.starts_with("localhost:"),
-        "OUTBOX_TEST_KAFKA must be a loopback host:port, got {brokers}"
-    );
-    brokers
-}
-
-async fn answers(brokers: &str) -> bool {
-    tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(brokers.to_owned()),
-    )
-    .await
-    .map(|r| r.is_ok())
-    .unwrap_or(false)
-}
-
-/// Whether the broker answers, starting it with `scripts/kafka.sh start` if tansu is installed.
-/// `false` (the test is skipped, loudly) only when it cannot be started.
-async fn kafka_available() -> bool {
-    let brokers = brokers();
-    if answers(&brokers).await {
-        return true;
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka.sh");
-    let started = std::process::Command::new("bash")
-        .arg(script)
-        .arg("start")
-        // Installing tansu takes minutes: that is scripts/test.sh's job, not a test's.
-        .env("KAFKA_INSTALL", "0")
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if started && answers(&brokers).await {
-        return true;
-    }
-    eprintln!(
-        "SKIPPED: no Kafka broker answers at {brokers} and tansu could not be started: run \
-         `scripts/kafka.sh start` (it installs tansu once, ~7 min) or scripts/test.sh"
-    );
-    false
-}
 
 fn unique(prefix: &str) -> String {
     format!(
@@ -154,7 +107,7 @@ fn received(message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<R
     };
     Ok(Received {
         message_id: headers
-            .get(outbox_kafka::HEADER_EVENT_ID)
+            .get(outbox::publisher::headers::EVENT_ID)
             .cloned()
             .unwrap_or_default(),
         headers,

@@ -3,11 +3,13 @@
 use std::time::Duration;
 
 use outbox::config::Problems;
-use outbox::publisher::DestinationRef;
+use outbox::registry::DestinationRef;
 use outbox::Config;
 use serde::{Deserialize, Serialize};
 
-use crate::template::{Template, PLACEHOLDERS};
+use outbox::publisher::template::{Placeholder, Template};
+
+use crate::template::{parse_subject, SUBJECT_PLACEHOLDERS};
 
 /// The kind this crate builds.
 pub const KIND: &str = "nats";
@@ -68,7 +70,7 @@ fn default_max_payload() -> usize {
 impl NatsDestination {
     /// The parsed subject template (valid once the configuration passed validation).
     pub fn template(&self) -> Result<Template, String> {
-        Template::parse(&self.subject)
+        parse_subject(&self.subject)
     }
 
     /// The stream `bootstrap` creates for the destination `name`.
@@ -189,7 +191,10 @@ fn validate_destination(d: &DestinationRef<'_>, dest: &NatsDestination, p: &mut 
         Err(problem) => p.add(
             d.key("subject"),
             problem,
-            format!("write the subject with the placeholders {PLACEHOLDERS}, e.g. \"outbox.{{aggregate_type}}.{{event_type}}\""),
+            format!(
+                "write the subject with the placeholders {}, e.g. \"outbox.{{aggregate_type}}.{{event_type}}\"",
+                Placeholder::list(SUBJECT_PLACEHOLDERS)
+            ),
         ),
         Ok(t) => {
             if let Some(problem) = subject_problem(&t.fill("x")) {

@@ -24,19 +24,18 @@
 
 pub mod config;
 pub mod publisher;
-mod template;
+pub mod template;
 
 use std::sync::Arc;
 
 use async_nats::jetstream;
 use async_trait::async_trait;
 use outbox::config::Problems;
-use outbox::publisher::{BuildError, DestinationRef, PublisherFactory};
+use outbox::registry::{BuildError, DestinationRef, PublisherFactory};
 use outbox::{Config, Publisher};
 
 pub use config::{BodyFormat, NatsConfig, NatsDestination, NatsSection};
 pub use publisher::{Connection, NatsPublisher};
-pub use template::Template;
 
 /// The NATS JetStream publisher kind (`kind = "nats"`) and its `[nats]` section.
 #[derive(Debug, Default, Clone, Copy)]
@@ -170,7 +169,7 @@ pub async fn bootstrap(config: &Config) -> Result<BootstrapReport, BootstrapErro
         let template = destination
             .template()
             .map_err(outbox::ConfigError::Invalid)?;
-        let subjects = template.stream_subject();
+        let subjects = template::stream_subject(&template);
         let fail = |reason: String| BootstrapError::Stream {
             destination: name.clone(),
             stream: stream.clone(),

@@ -24,19 +24,15 @@ use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink}
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use tokio::sync::OnceCell;
 
+use outbox::publisher::headers as outbox_headers;
+
 use crate::config::{subject_problem, NatsDestination, NatsSection};
-use crate::template::Template;
+use outbox::publisher::template::Template;
+
+use crate::template::stream_subject;
 
 /// The header JetStream deduplicates on.
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
-/// Header: the event id.
-pub const HEADER_EVENT_ID: &str = "outbox-event-id";
-/// Header: the event type.
-pub const HEADER_EVENT_TYPE: &str = "outbox-event-type";
-/// Header: the aggregate type.
-pub const HEADER_AGGREGATE_TYPE: &str = "outbox-aggregate-type";
-/// Header: the aggregate id.
-pub const HEADER_AGGREGATE_ID: &str = "outbox-aggregate-id";
 
 /// Events of one wave in flight at once (their acknowledgements are awaited together).
 const MAX_IN_FLIGHT: usize = 256;
@@ -171,14 +167,13 @@ pub fn headers_for(event: &OutboxEvent) -> (HeaderMap, usize, Vec<String>) {
         headers.insert(name, value);
     };
     put(&mut headers, NATS_MSG_ID, &id);
-    put(&mut headers, HEADER_EVENT_ID, &id);
-    put(&mut headers, HEADER_EVENT_TYPE, &event.event_type);
-    put(&mut headers, HEADER_AGGREGATE_TYPE, &event.aggregate_type);
-    put(&mut headers, HEADER_AGGREGATE_ID, &event.aggregate_id);
+    for (name, value) in outbox_headers::identity(event) {
+        put(&mut headers, name, &value);
+    }
     let mut dropped = Vec::new();
     for (name, value) in &event.headers {
         let lower = name.to_ascii_lowercase();
-        let ours = lower.starts_with("outbox-") || lower.starts_with("nats-");
+        let ours = outbox_headers::is_reserved(name) || lower.starts_with("nats-");
         if ours
             || !valid_header_name(name)
             || value.contains(['\r', '\n'])
@@ -391,7 +386,7 @@ impl Publisher for NatsPublisher {
                                 "JetStream stream `{stream}` (destinations.{}.stream) does not exist: create it \
                                  (outbox_nats::bootstrap for the local profile, or `nats stream add {stream} --subjects '{}'`)",
                                 self.name,
-                                self.subject.stream_subject()
+                                stream_subject(&self.subject)
                             ))
                         }
                         _ => PublishError::unavailable(format!(
@@ -422,7 +417,7 @@ impl Publisher for NatsPublisher {
                         self.name,
                         self.name,
                         self.config.subject,
-                        self.subject.stream_subject()
+                        stream_subject(&self.subject)
                     )),
                     _ => PublishError::unavailable(format!(
                         "looking up the stream of {filter:?} failed: {e} (is JetStream enabled, `nats-server -js`?)"

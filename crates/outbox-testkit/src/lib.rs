@@ -27,12 +27,42 @@ pub fn admin_url() -> String {
 }
 
 /// A database of its own for one test; dropped (with its connections) by [`TestDb::drop_db`] or,
-/// best effort, when the value is dropped.
+/// when the value is dropped without it (a test that failed an assertion), by its `Drop`.
 pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
     admin: PgConnectOptions,
+    dropped: bool,
+}
+
+impl Drop for TestDb {
+    /// Drops the database of a test that ended without [`TestDb::drop_db`]. `Drop` cannot await,
+    /// and the test's runtime may be the current thread's: the statement runs on a thread of its
+    /// own, with a runtime of its own, and is waited for (a few milliseconds).
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        let dropping = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let mut conn = admin.connect().await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
+            })
+        });
+        if dropping.join().ok().flatten().is_none() {
+            eprintln!("warning: could not drop the test database {}", self.name);
+        }
+    }
 }
 
 impl TestDb {
@@ -69,6 +99,7 @@ impl TestDb {
             url,
             pool,
             admin,
+            dropped: false,
         })
     }
 
@@ -79,7 +110,8 @@ impl TestDb {
 
     /// Closes the pool and drops the database (terminating stray connections, e.g. of killed
     /// relay processes).
-    pub async fn drop_db(self) -> anyhow::Result<()> {
+    pub async fn drop_db(mut self) -> anyhow::Result<()> {
+        self.dropped = true;
         self.pool.close().await;
         let mut conn = self.admin.connect().await?;
         sqlx::query(&format!(
@@ -107,6 +139,55 @@ pub fn aws_endpoint() -> String {
         "OUTBOX_TEST_AWS_ENDPOINT must be an http:// URL on loopback, got {url}"
     );
     url
+}
+
+/// The Kafka-protocol broker the tests use: `OUTBOX_TEST_KAFKA` (`host:port`, loopback only), default
+/// `127.0.0.1:19092`, where `scripts/kafka.sh start` runs tansu.
+pub fn kafka_brokers() -> String {
+    let brokers =
+        std::env::var("OUTBOX_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".to_owned());
+    assert!(
+        brokers.starts_with("127.0.0.1:") || brokers.starts_with("localhost:"),
+        "OUTBOX_TEST_KAFKA must be a loopback host:port, got {brokers}"
+    );
+    brokers
+}
+
+async fn answers(brokers: &str) -> bool {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::TcpStream::connect(brokers.to_owned()),
+    )
+    .await
+    .map(|r| r.is_ok())
+    .unwrap_or(false)
+}
+
+/// Whether the broker answers, starting it with `scripts/kafka.sh start` if tansu is installed.
+/// `false` (the test is skipped, loudly) only when it cannot be started.
+pub async fn kafka_available() -> bool {
+    let brokers = kafka_brokers();
+    if answers(&brokers).await {
+        return true;
+    }
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka.sh");
+    let started = std::process::Command::new("bash")
+        .arg(script)
+        .arg("start")
+        // Installing tansu takes minutes: that is scripts/test.sh's job, not a test's.
+        .env("KAFKA_INSTALL", "0")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if started && answers(&brokers).await {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED: no Kafka broker answers at {brokers} and tansu could not be started: run \
+         `scripts/kafka.sh start` (it installs tansu once, ~7 min) or scripts/test.sh"
+    );
+    false
 }
 
 /// `url` with its database path replaced by `database`.

@@ -7,7 +7,8 @@
 
 use async_trait::async_trait;
 use outbox::config::Problems;
-use outbox::publisher::{publish_sequentially, BuildError, DestinationRef, PublisherFactory};
+use outbox::publisher::publish_sequentially;
+use outbox::registry::{BuildError, DestinationRef, PublisherFactory};
 use outbox::{Config, OutboxEvent, PublishError, PublishResult, Publisher};
 use sqlx::postgres::PgPoolOptions;
 

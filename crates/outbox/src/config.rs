@@ -16,19 +16,66 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
 use figment::value::Value;
-use figment::{Figment, Profile};
+use figment::{Figment, Profile as FigmentProfile};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{EventLimits, MAX_PAYLOAD_BYTES_CEILING};
 use crate::postgres::{DeadLetterPolicy, PgStoreOptions, Schema};
-use crate::publisher::registry::DestinationSpec;
 use crate::publisher::RouteConfig;
+use crate::registry::DestinationSpec;
 use crate::relay::{Backoff, RelayOptions};
 
 /// The profiles a configuration file may have sections for.
 pub const PROFILES: &[&str] = &["local", "dev", "prod"];
 /// The profile used when `OUTBOX_PROFILE` is not set.
 pub const DEFAULT_PROFILE: &str = "local";
+
+/// Which world a configuration describes; selected by `OUTBOX_PROFILE` / `--profile`, it picks
+/// the `[local]`, `[dev]` or `[prod]` section of the file. Publisher kinds read it too: only
+/// `local` talks to emulators and may create infrastructure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    /// Emulators and brokers on this machine: dummy credentials, infrastructure may be created.
+    #[default]
+    Local,
+    /// A shared development environment: real services, nothing created by the relay.
+    Dev,
+    /// Production: real services, nothing created by the relay.
+    Prod,
+}
+
+impl Profile {
+    /// The profile called `name` (`local`, `dev` or `prod`).
+    pub fn parse(name: &str) -> Result<Self, ConfigError> {
+        match name {
+            "local" => Ok(Self::Local),
+            "dev" => Ok(Self::Dev),
+            "prod" => Ok(Self::Prod),
+            other => Err(ConfigError::UnknownProfile(other.to_owned())),
+        }
+    }
+
+    /// Its name, as in the file's section headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Dev => "dev",
+            Self::Prod => "prod",
+        }
+    }
+
+    /// Whether this is the `local` profile.
+    pub fn is_local(self) -> bool {
+        self == Self::Local
+    }
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 /// The file read when no path is given and it exists in the working directory.
 pub const DEFAULT_FILE: &str = "outbox.toml";
 
@@ -674,7 +721,7 @@ impl<'de> Deserialize<'de> for PublisherSpec {
 pub struct Config {
     /// The selected profile (not read from the file).
     #[serde(skip)]
-    pub profile: String,
+    pub profile: Profile,
     /// Schema of the `outbox_event` table.
     #[serde(default)]
     pub schema: Schema,
@@ -694,7 +741,7 @@ pub struct Config {
     #[serde(default)]
     pub admin: AdminConfig,
     /// `[destinations.NAME]`: named destinations, each with a `kind` that a linked publisher
-    /// crate builds (see [`crate::publisher::registry`]).
+    /// crate builds (see [`crate::registry`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub destinations: BTreeMap<String, DestinationSpec>,
     /// `[[routes]]`: the first route matching an event names its destination.
@@ -838,15 +885,14 @@ impl Config {
 
     /// The merged providers, for extension crates that read their own sections
     /// (`figment.extract_inner("aws")`), and the selected profile.
-    pub fn figment(source: &ConfigSource) -> Result<(Figment, String), ConfigError> {
-        let profile = source
-            .profile
-            .clone()
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| DEFAULT_PROFILE.to_owned());
-        if !PROFILES.contains(&profile.as_str()) {
-            return Err(ConfigError::UnknownProfile(profile));
-        }
+    pub fn figment(source: &ConfigSource) -> Result<(Figment, Profile), ConfigError> {
+        let profile = Profile::parse(
+            source
+                .profile
+                .as_deref()
+                .filter(|p| !p.is_empty())
+                .unwrap_or(DEFAULT_PROFILE),
+        )?;
         let mut figment = Figment::new();
         let file = match &source.file {
             Some(path) if !path.exists() => {
@@ -880,7 +926,10 @@ impl Config {
                         .global(),
                 );
         }
-        Ok((figment.select(Profile::new(&profile)), profile))
+        Ok((
+            figment.select(FigmentProfile::new(profile.as_str())),
+            profile,
+        ))
     }
 
     /// Checks values that types alone cannot, naming the key and the fix; every problem at once.
@@ -1170,7 +1219,7 @@ mod tests {
         assert_eq!(local.relay.poll_interval, Duration::from_millis(250));
         let prod = load(text, "prod").unwrap();
         assert_eq!(prod.relay.batch_size, 500);
-        assert_eq!(prod.profile, "prod");
+        assert_eq!(prod.profile, Profile::Prod);
     }
 
     #[test]

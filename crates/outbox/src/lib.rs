@@ -16,10 +16,12 @@
 //!   ([`Relay::run`]) or once per invocation ([`Relay::drain`]).
 //! - [`config`]: layered configuration with `local` / `dev` / `prod` profiles.
 //! - [`metrics`]: the names of the relay's metrics (recorded through the `metrics` facade).
+//! - [`trace`]: the W3C trace context events carry; with the `otel` feature, captured at enqueue
+//!   and linked from the relay's publish span.
 //! - `logging` (feature `logging`): the log set-up the project's binaries share.
 //!
 //! The core names no broker: each broker's publisher lives in its own crate and registers its
-//! kinds ([`publisher::PublisherFactory`]); the CLI is `outbox-cli`.
+//! kinds ([`registry::PublisherFactory`]); the CLI is `outbox-cli`.
 //!
 //! ## Example
 //!
@@ -72,26 +74,29 @@ pub mod logging;
 pub mod metrics;
 pub mod postgres;
 pub mod publisher;
+pub mod registry;
 pub mod relay;
+pub mod setup;
 pub mod store;
+pub mod trace;
 
 pub use config::{Config, ConfigError, ConfigSource, PublisherSpec};
 pub use event::{EventError, EventLimits, Headers, NewEvent, OrderingKey, OutboxEvent};
-pub use postgres::{
-    connect_from_config, migrate_from_config, relay_from_config, start_relay_from_config,
-    StartError,
-};
 pub use postgres::{
     migrate, DeadLetterPolicy, EnqueueError, MigrateError, MigrateOptions, Outbox, PgStore,
     PgStoreOptions, Schema,
 };
 pub use publisher::{
-    BuildError, FilePublisher, MemoryPublisher, PublishError, PublishResult, Publisher,
-    PublisherFactory, Registry, StdoutPublisher,
+    FilePublisher, MemoryPublisher, PublishError, PublishResult, Publisher, StdoutPublisher,
 };
+pub use registry::{BuildError, Builtin, DestinationRef, PublisherFactory, Registry};
 pub use relay::{
     Backoff, DestinationStatus, Relay, RelayHandle, RelayHealth, RelayMonitor, RelayOptions,
     RelaySnapshot,
+};
+pub use setup::{
+    connect_from_config, migrate_from_config, relay_from_config, start_relay_from_config,
+    StartError,
 };
 pub use store::{Backlog, Claim, Outcome, Store, StoreError};
 

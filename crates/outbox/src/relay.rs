@@ -785,10 +785,15 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 seen.push(destination);
             }
         }
+        // The OpenTelemetry messaging conventions for a batch send: a producer span named after
+        // the operation, linked to the context each event was created in (`outbox::trace`).
         let span = tracing::debug_span!(
             "publish",
-            destination = %DisplayList(&seen),
-            events = events.len(),
+            otel.name = "publish",
+            otel.kind = "producer",
+            messaging.operation.type = "send",
+            messaging.destination.name = %DisplayList(&seen),
+            messaging.batch.message_count = events.len(),
             first_id = tracing::field::Empty,
             last_id = tracing::field::Empty
         );
@@ -796,6 +801,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             span.record("first_id", tracing::field::display(first.id));
             span.record("last_id", tracing::field::display(last.id));
         }
+        crate::trace::link_events(&span, events);
         let started = Instant::now();
         let results = self.publish(events).instrument(span).await;
         let seconds = started.elapsed().as_secs_f64();

@@ -541,7 +541,7 @@ async fn from_config_applies_schema_limits_and_strict_key_order() {
         "events": {"max_payload_bytes": 500, "max_field_bytes": 8},
     }))
     .unwrap();
-    config.profile = "local".into();
+    config.profile = outbox::config::Profile::Local;
     config.validate().unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
     outbox::migrate_from_config(&mut conn, &config)

@@ -1443,3 +1443,106 @@ mod custom_publisher_conformance {
         conformance::run(&Tables { db: &db }, &db).await.unwrap();
     }
 }
+
+/// Issue 10 §6: a replay or delete of many dead events runs in short transactions, reports its
+/// progress between them, and stops cleanly when asked: what was done stays done, the rest stays
+/// dead, and the same call continues. (Each transaction releases its keys' parked events; the
+/// test above proves that part.)
+#[tokio::test]
+async fn a_long_replay_reports_progress_and_stops_between_batches() {
+    use std::ops::ControlFlow;
+
+    use outbox::postgres::{
+        delete_dead_with_progress, replay_dead, replay_dead_with_progress, DeadFilter,
+        DeadSelection, DEAD_CHANGE_BATCH,
+    };
+    let db = TestDb::new().await.unwrap();
+    let schema = Schema::default();
+    let total = 2 * DEAD_CHANGE_BATCH + 500;
+    let outbox = Outbox::new(schema.clone());
+    let mut conn = db.pool.acquire().await.unwrap();
+    outbox
+        .enqueue_all(
+            &mut conn,
+            (0..total).map(|i| NewEvent::new("a", format!("k{i}"), "Dead")),
+        )
+        .await
+        .unwrap();
+    drop(conn);
+    sqlx::query("UPDATE outbox_event SET status = 'dead', attempts = 3, last_error = 'x'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let dead = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_event WHERE status = 'dead'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap() as usize
+    };
+    let all = DeadSelection::Matching(DeadFilter::default());
+
+    // Stopped after the first transaction.
+    let mut reports = Vec::new();
+    let change = replay_dead_with_progress(&db.pool, &schema, &all, |so_far| {
+        reports.push(so_far.changed.len());
+        ControlFlow::Break(())
+    })
+    .await
+    .unwrap();
+    assert!(change.interrupted);
+    assert_eq!(reports, vec![DEAD_CHANGE_BATCH]);
+    assert_eq!(change.changed.len(), DEAD_CHANGE_BATCH);
+    assert!(
+        change.not_found.is_empty(),
+        "nothing is reported missing when interrupted"
+    );
+    assert_eq!(dead().await, total - DEAD_CHANGE_BATCH);
+
+    // The same call continues, reporting after each full transaction.
+    let mut reports = Vec::new();
+    let change = replay_dead_with_progress(&db.pool, &schema, &all, |so_far| {
+        reports.push(so_far.changed.len());
+        ControlFlow::Continue(())
+    })
+    .await
+    .unwrap();
+    assert!(!change.interrupted);
+    assert_eq!(reports, vec![DEAD_CHANGE_BATCH]);
+    assert_eq!(change.changed.len(), total - DEAD_CHANGE_BATCH);
+    assert_eq!(dead().await, 0);
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = 'pending'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(pending as usize, total, "every event was replayed once");
+
+    // Deletes batch the same way; ids over several batches keep their not-found report.
+    sqlx::query("UPDATE outbox_event SET status = 'dead'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM outbox_event ORDER BY seq")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let missing = uuid::Uuid::now_v7();
+    ids.push(missing);
+    let change = delete_dead_with_progress(&db.pool, &schema, &DeadSelection::Ids(ids), |_| {
+        ControlFlow::Continue(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(change.changed.len(), total);
+    assert_eq!(change.not_found, vec![missing]);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_event")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    assert!(replay_dead(&db.pool, &schema, &all)
+        .await
+        .unwrap()
+        .changed
+        .is_empty());
+}

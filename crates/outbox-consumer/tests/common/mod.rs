@@ -6,7 +6,10 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::MessageAttributeValue;
-use outbox_aws::sqs::{ATTR_AGGREGATE_ID, ATTR_AGGREGATE_TYPE, ATTR_EVENT_ID, ATTR_EVENT_TYPE};
+use outbox::publisher::headers::{
+    AGGREGATE_ID as ATTR_AGGREGATE_ID, AGGREGATE_TYPE as ATTR_AGGREGATE_TYPE,
+    EVENT_ID as ATTR_EVENT_ID, EVENT_TYPE as ATTR_EVENT_TYPE,
+};
 
 pub fn endpoint() -> String {
     outbox_testkit::aws_endpoint()
@@ -21,6 +24,8 @@ pub fn unique(prefix: &str) -> String {
 
 /// Queues and a table of one test, created through `outbox aws bootstrap`'s code.
 pub struct Fixture {
+    /// The configuration the queues were bootstrapped from (destination `q` = the queue).
+    pub config: outbox::Config,
     pub clients: outbox_aws::AwsClients,
     pub queue_url: String,
     pub dlq_url: String,
@@ -66,6 +71,7 @@ pub async fn fixture(max_receive: u32, fifo: bool) -> Fixture {
         .await
         .expect("dlq url");
     Fixture {
+        config,
         clients,
         queue_url,
         dlq_url,

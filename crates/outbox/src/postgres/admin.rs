@@ -1,8 +1,11 @@
 //! Operator queries: the backlog at a glance, and the dead letters: list, show, replay, delete.
 //!
 //! The dead-letter functions are the library behind `outbox dead ...` (and any admin API built
-//! later): typed errors, and every change in one transaction that also releases the later events of
-//! the affected keys that wait behind the dead ones, then wakes the relays.
+//! later): typed errors, and every change in short transactions (of [`DEAD_CHANGE_BATCH`] events)
+//! that each also release the later events of the affected keys that wait behind the dead ones,
+//! then wake the relays. A long change reports progress and can stop between two transactions.
+
+use std::ops::ControlFlow;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -225,6 +228,11 @@ pub struct DeadChange {
     pub not_found: Vec<Uuid>,
     /// Later events of the affected keys that waited behind the dead ones and were made pending.
     pub released: u64,
+    /// The change stopped between two transactions when asked to (`*_with_progress`): what
+    /// `changed` lists is done, the rest of the selection is untouched (and `not_found` is empty,
+    /// as it is unknown). Running the same change again continues.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 /// The `WHERE` conditions of a selection over `$1` (ids) and `$2..$6` (the filter), bound by
@@ -338,44 +346,69 @@ pub async fn dead_event(
     }))
 }
 
+/// How many dead events one transaction of a replay or delete changes. A large selection is changed
+/// in several short transactions, each complete on its own (its keys' later events released, the
+/// relays woken), so an interruption between two loses nothing and running the same command again
+/// continues where it stopped.
+pub const DEAD_CHANGE_BATCH: usize = 1_000;
+
 /// Makes the selected dead events pending again with a fresh attempt budget (attempts 0, due now,
 /// no last error), releases the later events of their keys that wait behind them, and wakes the
-/// relays, in one transaction.
+/// relays, in transactions of [`DEAD_CHANGE_BATCH`] events.
 pub async fn replay_dead(
     pool: &PgPool,
     schema: &Schema,
     selection: &DeadSelection,
 ) -> Result<DeadChange, AdminError> {
+    replay_dead_with_progress(pool, schema, selection, |_| ControlFlow::Continue(())).await
+}
+
+/// [`replay_dead`], calling `progress` with the running total after each transaction but the
+/// last; `ControlFlow::Break` stops there (the result says `interrupted`).
+pub async fn replay_dead_with_progress(
+    pool: &PgPool,
+    schema: &Schema,
+    selection: &DeadSelection,
+    progress: impl FnMut(&DeadChange) -> ControlFlow<()>,
+) -> Result<DeadChange, AdminError> {
     let t = schema.qualify("outbox_event");
-    change_dead(
-        pool,
-        schema,
-        selection,
-        &format!(
-            "UPDATE {t} SET status = 'pending', attempts = 0, available_at = now(), last_error = NULL
-             WHERE {SELECTION} RETURNING seq, id, aggregate_type, aggregate_id"
-        ),
-    )
-    .await
+    let batch = batch_of_selection(&t);
+    let change = format!(
+        "UPDATE {t} SET status = 'pending', attempts = 0, available_at = now(), last_error = NULL
+         WHERE seq IN ({batch}) RETURNING seq, id, aggregate_type, aggregate_id"
+    );
+    change_dead(pool, schema, selection, &change, progress).await
 }
 
 /// Deletes the selected dead events for good, releases the later events of their keys that wait
-/// behind them, and wakes the relays, in one transaction.
+/// behind them, and wakes the relays, in transactions of [`DEAD_CHANGE_BATCH`] events.
 pub async fn delete_dead(
     pool: &PgPool,
     schema: &Schema,
     selection: &DeadSelection,
 ) -> Result<DeadChange, AdminError> {
+    delete_dead_with_progress(pool, schema, selection, |_| ControlFlow::Continue(())).await
+}
+
+/// [`delete_dead`] with progress and interruption, as [`replay_dead_with_progress`].
+pub async fn delete_dead_with_progress(
+    pool: &PgPool,
+    schema: &Schema,
+    selection: &DeadSelection,
+    progress: impl FnMut(&DeadChange) -> ControlFlow<()>,
+) -> Result<DeadChange, AdminError> {
     let t = schema.qualify("outbox_event");
-    change_dead(
-        pool,
-        schema,
-        selection,
-        &format!(
-            "DELETE FROM {t} WHERE {SELECTION} RETURNING seq, id, aggregate_type, aggregate_id"
-        ),
-    )
-    .await
+    let batch = batch_of_selection(&t);
+    let change = format!(
+        "DELETE FROM {t} WHERE seq IN ({batch}) RETURNING seq, id, aggregate_type, aggregate_id"
+    );
+    change_dead(pool, schema, selection, &change, progress).await
+}
+
+/// The `seq` of the next batch of the selection in `table` (`$7` = the batch size), locked for
+/// the change.
+fn batch_of_selection(table: &str) -> String {
+    format!("SELECT seq FROM {table} WHERE {SELECTION} ORDER BY seq LIMIT $7 FOR UPDATE")
 }
 
 async fn change_dead(
@@ -383,12 +416,43 @@ async fn change_dead(
     schema: &Schema,
     selection: &DeadSelection,
     change: &str,
+    mut progress: impl FnMut(&DeadChange) -> ControlFlow<()>,
 ) -> Result<DeadChange, AdminError> {
     let (ids, filter) = split(selection);
     check_filter(filter)?;
+    let mut total = DeadChange::default();
+    loop {
+        let (changed, released) = change_dead_batch(pool, schema, ids, filter, change).await?;
+        let last = changed.len() < DEAD_CHANGE_BATCH;
+        total.changed.extend(changed);
+        total.released += released;
+        if last {
+            break;
+        }
+        if progress(&total).is_break() {
+            total.interrupted = true;
+            break;
+        }
+    }
+    if !total.interrupted {
+        total.not_found = missing(ids, &total.changed);
+    }
+    Ok(total)
+}
+
+/// One transaction of a change: up to [`DEAD_CHANGE_BATCH`] dead events changed (in `seq` order),
+/// and how many later events of their keys were released.
+async fn change_dead_batch(
+    pool: &PgPool,
+    schema: &Schema,
+    ids: Option<&[Uuid]>,
+    filter: &DeadFilter,
+    change: &str,
+) -> Result<(Vec<Uuid>, u64), AdminError> {
     let t = schema.qualify("outbox_event");
     let mut tx = pool.begin().await?;
     let rows = bind_selection(sqlx::query(change), ids, filter)
+        .bind(DEAD_CHANGE_BATCH as i64)
         .fetch_all(&mut *tx)
         .await?;
     let mut touched = rows
@@ -431,11 +495,7 @@ async fn change_dead(
             .await?;
     }
     tx.commit().await?;
-    Ok(DeadChange {
-        not_found: missing(ids, &changed),
-        changed,
-        released,
-    })
+    Ok((changed, released))
 }
 
 fn split(selection: &DeadSelection) -> (Option<&[Uuid]>, &DeadFilter) {

@@ -89,16 +89,10 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An outbox in `schema` with the default [`EventLimits`]; prefer [`Outbox::from_config`],
+    /// An outbox in `schema` with the default [`EventLimits`]; prefer [`Outbox::from_config`](crate::Outbox::from_config),
     /// which applies the configured `[events]` limits too.
     pub fn new(schema: Schema) -> Self {
         Self::with_limits(schema, EventLimits::default())
-    }
-
-    /// The producer side as the configuration describes it: `schema` and the `[events]` limits
-    /// (the same limit `outbox migrate` gives the table for SQL producers).
-    pub fn from_config(config: &crate::Config) -> Self {
-        Self::with_limits(config.schema.clone(), config.events)
     }
 
     pub fn with_limits(schema: Schema, limits: EventLimits) -> Self {
@@ -130,11 +124,15 @@ impl Outbox {
 
     /// Writes one event in the caller's transaction and returns its id. Pass `&mut tx` (or any
     /// `&mut PgConnection`); the event becomes visible to the relay when the caller commits.
+    ///
+    /// With the `otel` feature, the trace context of the span active here is stored with the
+    /// event (its `traceparent` / `tracestate` headers) unless the event carries one already.
     pub async fn enqueue(
         &self,
         conn: &mut PgConnection,
-        event: NewEvent,
+        mut event: NewEvent,
     ) -> Result<Uuid, EnqueueError> {
+        crate::trace::capture(&mut event.headers);
         event.validate(&self.limits)?;
         sqlx::query(&self.insert_one)
             .bind(event.id)
@@ -149,14 +147,16 @@ impl Outbox {
         Ok(event.id)
     }
 
-    /// Writes several events in one statement, in the order given (their `seq` follows it).
+    /// Writes several events in one statement, in the order given (their `seq` follows it). The
+    /// trace context is captured as by [`Outbox::enqueue`].
     pub async fn enqueue_all(
         &self,
         conn: &mut PgConnection,
         events: impl IntoIterator<Item = NewEvent>,
     ) -> Result<Vec<Uuid>, EnqueueError> {
-        let events: Vec<NewEvent> = events.into_iter().collect();
-        for event in &events {
+        let mut events: Vec<NewEvent> = events.into_iter().collect();
+        for event in &mut events {
+            crate::trace::capture(&mut event.headers);
             event.validate(&self.limits)?;
         }
         if events.is_empty() {

@@ -96,7 +96,7 @@ impl Migration {
 
 /// What the schema should look like besides its version: switches that the configuration sets and
 /// [`migrate`] applies every time. Build it from the configuration ([`MigrateOptions::from`] a
-/// [`Config`](crate::Config), or [`migrate_from_config`]), so that every process that migrates
+/// [`Config`](crate::Config), or [`migrate_from_config`](crate::migrate_from_config)), so that every process that migrates
 /// applies the same values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MigrateOptions {
@@ -111,15 +111,6 @@ impl Default for MigrateOptions {
         Self {
             strict_key_order: false,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
-        }
-    }
-}
-
-impl From<&crate::Config> for MigrateOptions {
-    fn from(config: &crate::Config) -> Self {
-        Self {
-            strict_key_order: config.strict_key_order,
-            max_payload_bytes: config.events.max_payload_bytes,
         }
     }
 }
@@ -305,16 +296,6 @@ pub fn migrate<'a>(
     options: MigrateOptions,
 ) -> futures_util::future::BoxFuture<'a, Result<MigrateReport, MigrateError>> {
     Box::pin(migrate_now(conn, schema, options))
-}
-
-/// [`migrate`] with the schema and the settings of the configuration: the call an application
-/// makes at start-up, so that it applies the same `strict_key_order` and payload limit as
-/// `outbox migrate` with the same configuration.
-pub fn migrate_from_config<'a>(
-    conn: &'a mut PgConnection,
-    config: &'a crate::Config,
-) -> futures_util::future::BoxFuture<'a, Result<MigrateReport, MigrateError>> {
-    migrate(conn, &config.schema, MigrateOptions::from(config))
 }
 
 async fn migrate_now(

@@ -14,8 +14,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 pub use admin::{
-    backlog, dead_event, dead_events, delete_dead, replay_dead, select_dead, status, AdminError,
-    DeadChange, DeadEvent, DeadEventDetail, DeadFilter, DeadSelection, Status, BLOCKED_KEYS_SHOWN,
+    backlog, dead_event, dead_events, delete_dead, delete_dead_with_progress, replay_dead,
+    replay_dead_with_progress, select_dead, status, AdminError, DeadChange, DeadEvent,
+    DeadEventDetail, DeadFilter, DeadSelection, Status, BLOCKED_KEYS_SHOWN, DEAD_CHANGE_BATCH,
     MAX_DEAD_LIST_LIMIT,
 };
 pub use adopt::{
@@ -23,8 +24,8 @@ pub use adopt::{
 };
 pub use enqueue::{EnqueueError, Outbox, PAYLOAD_SIZE_CONSTRAINT};
 pub use migrate::{
-    check_schema, latest_version, migrate, migrate_from_config, migration_sql, settings_drift,
-    MigrateError, MigrateOptions, MigrateReport, Migration, SchemaCheckError, MIGRATIONS,
+    check_schema, latest_version, migrate, migration_sql, settings_drift, MigrateError,
+    MigrateOptions, MigrateReport, Migration, SchemaCheckError, MIGRATIONS,
 };
 pub use schema::{InvalidSchema, Schema, MAX_SCHEMA_LEN};
 pub use store::{DeadLetterPolicy, PgClaim, PgStore, PgStoreOptions, Waker};
@@ -248,83 +249,4 @@ pub async fn check_relay_privileges(
             .collect(),
         role,
     })
-}
-
-/// Why [`start_relay_from_config`] could not start the relay.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Setup(#[from] SetupError),
-    /// A destination is missing or unreachable: found before anything is claimed.
-    #[error(transparent)]
-    Publisher(#[from] crate::relay::RelayError),
-}
-
-/// The embedded relay as the configuration says: `None` when `relay.enabled = false` (the
-/// application leaves publishing to a standalone `outbox relay`); otherwise the relay is set up
-/// ([`relay_from_config`]), its publisher is checked — so a missing destination fails here, at
-/// start-up, not silently in a background task — and it is spawned. Stop it with
-/// [`RelayHandle::stop`](crate::RelayHandle::stop), which finishes the batch in flight.
-pub async fn start_relay_from_config<P: crate::Publisher>(
-    config: &crate::Config,
-    pool: PgPool,
-    publisher: P,
-) -> Result<Option<crate::RelayHandle>, StartError> {
-    if !config.relay.enabled {
-        tracing::info!("relay.enabled = false: events wait for a standalone `outbox relay`");
-        return Ok(None);
-    }
-    let relay = relay_from_config(config, pool, publisher).await?;
-    relay.check().await?;
-    Ok(Some(relay.spawn()))
-}
-
-/// Builds the relay from the configuration on an existing pool, after checking that the schema is
-/// migrated and that the role holds the privileges the relay needs: the one call an embedding
-/// application needs (then [`Relay::spawn`](crate::Relay::spawn)). Settings of the database that
-/// differ from the configuration (`strict_key_order`, the payload limit) are logged as warnings.
-pub async fn relay_from_config<P: crate::Publisher>(
-    config: &crate::Config,
-    pool: PgPool,
-    publisher: P,
-) -> Result<crate::Relay<PgStore, P>, SetupError> {
-    check_schema(&pool, &config.schema).await?;
-    check_relay_privileges(&pool, &config.schema, config.relay.notify).await?;
-    match settings_drift(&pool, &config.schema, &MigrateOptions::from(config)).await {
-        Ok(drift) => {
-            for problem in drift {
-                tracing::warn!(schema = %config.schema, "{problem}");
-            }
-        }
-        // Only a diagnostic: the relay works either way.
-        Err(e) => {
-            tracing::warn!(error = %e, "could not compare the database's outbox settings with the configuration")
-        }
-    }
-    let store = PgStore::new(pool, config.store_options()).await?;
-    crate::metrics::relay_info(&config.profile, config.schema.as_str());
-    Ok(crate::Relay::new(store, publisher, config.relay_options()))
-}
-
-/// Opens the pool described by `config.database`. A connection string that does not parse is a
-/// configuration error (`database.url`), as at load.
-pub async fn connect_from_config(
-    config: &crate::Config,
-    application_name: &str,
-) -> Result<PgPool, crate::ConfigOrConnectError> {
-    let url = config.require_database_url()?;
-    match connect(
-        url,
-        config.database.max_connections,
-        config.database.connect_timeout,
-        application_name,
-    )
-    .await
-    {
-        Ok(pool) => Ok(pool),
-        Err(ConnectError::BadUrl { reason, .. }) => {
-            Err(crate::config::ConfigError::database_url(url, reason).into())
-        }
-        Err(e) => Err(e.into()),
-    }
 }

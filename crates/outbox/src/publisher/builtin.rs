@@ -4,12 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use super::registry::{BuildError, DestinationRef, PublisherFactory};
-use super::{MemoryPublisher, PublishError, PublishResult, Publisher};
-use crate::config::{Config, Problems};
+use super::{PublishError, PublishResult, Publisher};
 use crate::event::OutboxEvent;
 
 /// Writes each event as one JSON line to standard output (logs go to standard error).
@@ -137,76 +134,6 @@ fn io_error(what: &str, e: std::io::Error) -> PublishError {
         PublishError::unavailable(format!("writing to {what} failed: {e}"))
     }
 }
-
-/// The factory of the built-in kinds: `stdout`, `file` (`path = "..."`) and `null`.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Builtin;
-
-/// `[destinations.NAME] kind = "file"`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    path: PathBuf,
-}
-
-#[async_trait]
-impl PublisherFactory for Builtin {
-    fn kinds(&self) -> &'static [&'static str] {
-        &["stdout", "file", "null"]
-    }
-
-    fn problems(&self, _config: &Config, destinations: &[DestinationRef<'_>]) -> Problems {
-        let mut p = Problems::default();
-        for d in destinations {
-            match d.kind {
-                "file" => match d.settings::<FileSettings>() {
-                    Ok(s) if s.path.as_os_str().is_empty() => p.add(
-                        d.key("path"),
-                        "the path is empty",
-                        "name the JSON Lines file to append to",
-                    ),
-                    Ok(_) => {}
-                    Err(e) => p.push(e),
-                },
-                _ => {
-                    if let Err(e) = d.settings::<NoSettings>() {
-                        p.push(e);
-                    }
-                }
-            }
-        }
-        p
-    }
-
-    async fn build(
-        &self,
-        _config: &Config,
-        destinations: &[DestinationRef<'_>],
-    ) -> Result<Vec<(String, Box<dyn Publisher>)>, BuildError> {
-        let mut built: Vec<(String, Box<dyn Publisher>)> = Vec::new();
-        for d in destinations {
-            let publisher: Box<dyn Publisher> = match d.kind {
-                "file" => {
-                    let settings = d.settings::<FileSettings>()?;
-                    Box::new(
-                        FilePublisher::open(settings.path)
-                            .await
-                            .map_err(|e| BuildError::destination(d, e.reason()))?,
-                    )
-                }
-                "stdout" => Box::new(StdoutPublisher::new()),
-                _ => Box::new(MemoryPublisher::counting()),
-            };
-            built.push((d.name.to_owned(), publisher));
-        }
-        Ok(built)
-    }
-}
-
-/// The settings of a kind that takes none: only `kind` itself.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoSettings {}
 
 #[cfg(test)]
 mod tests {

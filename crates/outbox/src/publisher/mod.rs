@@ -44,14 +44,14 @@ use crate::event::{OrderingKey, OutboxEvent};
 pub mod batch;
 mod builtin;
 pub mod envelope;
+pub mod headers;
 mod memory;
-pub mod registry;
 pub mod routing;
+pub mod template;
 
-pub use builtin::{Builtin, FilePublisher, StdoutPublisher};
+pub use builtin::{FilePublisher, StdoutPublisher};
 pub use envelope::{envelope_json, BodyFormat};
 pub use memory::{Fault, MemoryPublisher};
-pub use registry::{BuildError, DestinationRef, PublisherFactory, Registry};
 pub use routing::{RouteConfig, Router, Routes};
 
 /// One event's delivery outcome.

@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use super::batch::key_queues;
 use super::{skipped_after_failure, PublishError, PublishResult, Publisher};
-use crate::config::Problems;
 use crate::event::OutboxEvent;
 
 /// The name [`Router::destination_of`] gives events that have no route.
@@ -89,49 +88,23 @@ impl Routes {
         }
     }
 
-    /// Every rule that names no destination, or has no condition; all at once.
-    pub fn problems(&self) -> Problems {
-        let mut p = Problems::default();
-        if self.names.is_empty() {
-            p.add(
-                "destinations",
-                "no destination is configured",
-                "add one, e.g. [default.destinations.orders] kind = \"sqs\" queue = \"orders\" \
-                 (or kind = \"file\" path = \"events.jsonl\"), or set publisher = \"stdout\"",
-            );
-            // Every route would name an unknown destination: that is this one problem.
-            return p;
-        }
-        let known = self.names.join(", ");
-        if let Some(default) = &self.default {
-            if !self.is_known(default) {
-                p.add(
-                    "default_destination",
-                    format!("`{default}` is not a configured destination"),
-                    format!("use one of: {known}"),
-                );
-            }
-        }
-        for (i, route) in self.routes.iter().enumerate() {
-            if route.event_type.is_none() && route.aggregate_type.is_none() {
-                p.add(
-                    format!("routes[{i}]"),
-                    format!("route to `{}` has no condition", route.destination),
-                    "give it event_type and/or aggregate_type, or use default_destination for a catch-all",
-                );
-            }
-            if !self.is_known(&route.destination) {
-                p.add(
-                    format!("routes[{i}].destination"),
-                    format!("`{}` is not a configured destination", route.destination),
-                    format!("use one of: {known}"),
-                );
-            }
-        }
-        p
+    /// The destination names the rules are over, sorted.
+    pub fn destinations(&self) -> &[String] {
+        &self.names
     }
 
-    fn is_known(&self, name: &str) -> bool {
+    /// The `[[routes]]`, in order.
+    pub fn rules(&self) -> &[RouteConfig] {
+        &self.routes
+    }
+
+    /// `default_destination`, if set.
+    pub fn default_destination(&self) -> Option<&str> {
+        self.default.as_deref()
+    }
+
+    /// Whether `name` is one of the destinations.
+    pub fn is_known(&self, name: &str) -> bool {
         self.names.iter().any(|n| n == name)
     }
 
@@ -394,28 +367,5 @@ mod tests {
         assert!(!err.is_retryable());
         assert!(err.reason().contains("[[routes]]"), "{err}");
         assert_eq!(r.destination_of(&event(2, "k", "E")), NO_ROUTE);
-    }
-
-    #[test]
-    fn rules_naming_unknown_destinations_are_all_reported() {
-        let routes = Routes::new(
-            ["a".to_owned()],
-            vec![
-                RouteConfig {
-                    event_type: None,
-                    aggregate_type: None,
-                    destination: "zz".into(),
-                },
-                RouteConfig {
-                    event_type: Some("E".into()),
-                    aggregate_type: None,
-                    destination: "a".into(),
-                },
-            ],
-            Some("nope".into()),
-        );
-        let text = routes.problems().into_result().unwrap_err().to_string();
-        assert!(text.contains("3 configuration problems"), "{text}");
-        assert!(text.contains("default_destination") && text.contains("routes[0].destination"));
     }
 }

@@ -3,11 +3,9 @@
 //! key whose events go to two destinations keeps its order. Also: bootstrap is idempotent and
 //! creates the DynamoDB table a consumer needs.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use outbox_aws::{bootstrap, publisher_from_config, AwsClients, AwsConfig};
 use outbox_testkit::TestDb;
 

@@ -2,13 +2,11 @@
 //! through the routing publisher, received from the queue. Run `scripts/aws-emulator.sh start`
 //! first (or point OUTBOX_TEST_AWS_ENDPOINT at LocalStack).
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::common::*;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
-use common::*;
 use outbox_aws::{bootstrap, publisher_from_config, resolve_payload, AwsConfig};
 use outbox_testkit::TestDb;
 

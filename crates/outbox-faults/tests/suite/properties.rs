@@ -1,5 +1,5 @@
 //! Properties of the parts that parse outside input: configuration, the event envelope, headers.
-//! Kept as proptest properties (run with `cargo test -p outbox-faults --test properties`;
+//! Kept as proptest properties (run with `cargo test --workspace --test suite properties::`;
 //! `PROPTEST_CASES=10000` for a longer search).
 
 use std::collections::BTreeMap;

@@ -5,8 +5,8 @@
 //! A program links the kinds it wants into a [`Registry`] and builds the publisher in one call:
 //!
 //! ```no_run
-//! # async fn example(config: &outbox::Config) -> Result<(), outbox::publisher::BuildError> {
-//! let registry = outbox::publisher::Registry::new(); // + .with(outbox_aws::Aws), ...
+//! # async fn example(config: &outbox::Config) -> Result<(), outbox::registry::BuildError> {
+//! let registry = outbox::Registry::new(); // + .with(outbox_aws::Aws), ...
 //! let publisher = registry.build(config).await?;
 //! # let _ = publisher; Ok(()) }
 //! ```
@@ -15,6 +15,7 @@
 //! engine and the validation of unknown kinds and sections are here, once, for every kind.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -22,9 +23,9 @@ use figment::value::{Dict, Value};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::routing::{Router, Routes};
-use super::{Builtin, FilePublisher, MemoryPublisher, Publisher, StdoutPublisher};
 use crate::config::{Config, ConfigError, Problems, PublisherSpec};
+use crate::publisher::routing::{Router, Routes};
+use crate::publisher::{FilePublisher, MemoryPublisher, Publisher, StdoutPublisher};
 
 /// `[destinations.NAME]` as the configuration holds it: the kind, and the rest of the table for
 /// the kind's factory to read.
@@ -296,7 +297,7 @@ impl Registry {
             return p;
         }
         let routes = self.routes(config);
-        for problem in routes.problems().into_vec() {
+        for problem in route_problems(&routes).into_vec() {
             p.push(problem);
         }
         let (groups, unknown) = self.grouped(config);
@@ -418,9 +419,122 @@ impl Registry {
     }
 }
 
+/// The factory of the built-in kinds: `stdout`, `file` (`path = "..."`) and `null`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Builtin;
+
+/// `[destinations.NAME] kind = "file"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    path: PathBuf,
+}
+
+#[async_trait]
+impl PublisherFactory for Builtin {
+    fn kinds(&self) -> &'static [&'static str] {
+        &["stdout", "file", "null"]
+    }
+
+    fn problems(&self, _config: &Config, destinations: &[DestinationRef<'_>]) -> Problems {
+        let mut p = Problems::default();
+        for d in destinations {
+            match d.kind {
+                "file" => match d.settings::<FileSettings>() {
+                    Ok(s) if s.path.as_os_str().is_empty() => p.add(
+                        d.key("path"),
+                        "the path is empty",
+                        "name the JSON Lines file to append to",
+                    ),
+                    Ok(_) => {}
+                    Err(e) => p.push(e),
+                },
+                _ => {
+                    if let Err(e) = d.settings::<NoSettings>() {
+                        p.push(e);
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    async fn build(
+        &self,
+        _config: &Config,
+        destinations: &[DestinationRef<'_>],
+    ) -> Result<Vec<(String, Box<dyn Publisher>)>, BuildError> {
+        let mut built: Vec<(String, Box<dyn Publisher>)> = Vec::new();
+        for d in destinations {
+            let publisher: Box<dyn Publisher> = match d.kind {
+                "file" => {
+                    let settings = d.settings::<FileSettings>()?;
+                    Box::new(
+                        FilePublisher::open(settings.path)
+                            .await
+                            .map_err(|e| BuildError::destination(d, e.reason()))?,
+                    )
+                }
+                "stdout" => Box::new(StdoutPublisher::new()),
+                _ => Box::new(MemoryPublisher::counting()),
+            };
+            built.push((d.name.to_owned(), publisher));
+        }
+        Ok(built)
+    }
+}
+
+/// The settings of a kind that takes none: only `kind` itself.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoSettings {}
+
+/// Every rule that names no destination, or has no condition; all at once.
+fn route_problems(routes: &Routes) -> Problems {
+    let mut p = Problems::default();
+    if routes.destinations().is_empty() {
+        p.add(
+            "destinations",
+            "no destination is configured",
+            "add one, e.g. [default.destinations.orders] kind = \"sqs\" queue = \"orders\" \
+             (or kind = \"file\" path = \"events.jsonl\"), or set publisher = \"stdout\"",
+        );
+        // Every route would name an unknown destination: that is this one problem.
+        return p;
+    }
+    let known = routes.destinations().join(", ");
+    if let Some(default) = routes.default_destination() {
+        if !routes.is_known(default) {
+            p.add(
+                "default_destination",
+                format!("`{default}` is not a configured destination"),
+                format!("use one of: {known}"),
+            );
+        }
+    }
+    for (i, route) in routes.rules().iter().enumerate() {
+        if route.event_type.is_none() && route.aggregate_type.is_none() {
+            p.add(
+                format!("routes[{i}]"),
+                format!("route to `{}` has no condition", route.destination),
+                "give it event_type and/or aggregate_type, or use default_destination for a catch-all",
+            );
+        }
+        if !routes.is_known(&route.destination) {
+            p.add(
+                format!("routes[{i}].destination"),
+                format!("`{}` is not a configured destination", route.destination),
+                format!("use one of: {known}"),
+            );
+        }
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::publisher::RouteConfig;
 
     fn config(text: &str) -> Config {
         Config::from_toml_str(text, "local").unwrap()
@@ -497,5 +611,31 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rules_naming_unknown_destinations_are_all_reported() {
+        let routes = Routes::new(
+            ["a".to_owned()],
+            vec![
+                RouteConfig {
+                    event_type: None,
+                    aggregate_type: None,
+                    destination: "zz".into(),
+                },
+                RouteConfig {
+                    event_type: Some("E".into()),
+                    aggregate_type: None,
+                    destination: "a".into(),
+                },
+            ],
+            Some("nope".into()),
+        );
+        let text = route_problems(&routes)
+            .into_result()
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("3 configuration problems"), "{text}");
+        assert!(text.contains("default_destination") && text.contains("routes[0].destination"));
     }
 }

@@ -6,9 +6,7 @@
 //! process environment is set once, before anything else runs, which is why this file holds a
 //! single test (its own test binary and process).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use outbox::Publisher;
 use outbox_aws::{bootstrap, publisher_from_config, AwsSettings, BootstrapError, Profile};
 use outbox_testkit::TestDb;
