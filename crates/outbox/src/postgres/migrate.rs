@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "lean insert: headers rule without a function call, wake-up queued only when wanted",
         template: include_str!("migrations/0004_lean_insert.sql"),
     },
+    Migration {
+        version: 5,
+        name: "delayed events: available_at set by producers, holds_key, scheduled status",
+        template: include_str!("migrations/0005_delayed_events.sql"),
+    },
 ];
 
 /// The newest schema version this library knows.
