@@ -1453,7 +1453,7 @@ async fn spawn_slow_poll_relay(db: &TestDb, publisher: &MemoryPublisher) -> outb
     options.poll_interval = Duration::from_secs(30);
     options.active_period = Duration::from_millis(100);
     Relay::new(
-        store(&db, PgStoreOptions::default()).await,
+        store(db, PgStoreOptions::default()).await,
         publisher.clone(),
         options,
     )
