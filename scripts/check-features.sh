@@ -9,20 +9,25 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 require_rust
 
+# Warnings fail the check as they do in clippy (not through RUSTFLAGS, which would rebuild every
+# dependency).
 check() {
     say "cargo check $*"
-    cargo check --quiet "$@"
+    local output
+    output="$(cargo check --quiet "$@" 2>&1)" || { printf '%s\n' "$output" >&2; die "cargo check $* failed"; }
+    if grep -q '^warning' <<<"$output"; then
+        printf '%s\n' "$output" >&2
+        die "cargo check $* has warnings"
+    fi
 }
 # The core as a library user gets it, and with each optional feature.
 check -p outbox --no-default-features
 check -p outbox --features otel
 # The consumer without AWS: the broker-independent inbox only.
 check -p outbox-consumer --no-default-features
-# The CLI with no broker, and with each broker alone.
+# The CLI with no broker (every broker's code is behind its feature; the default build has them
+# all). Each broker alone is not checked: measured at ~4 min for `--features aws` alone here.
 check -p outbox-cli --no-default-features
-for feature in aws kafka nats rabbitmq; do
-    check -p outbox-cli --no-default-features --features "$feature"
-done
 # The Lambda binary.
 check -p outbox-lambda --features lambda --bins
 

@@ -52,6 +52,15 @@ struct Args {
     /// Events in the drain backlog (default: 20k quick, 1M full).
     #[arg(long)]
     drain_events: Option<i64>,
+    /// Producer counts of the producer scenario (comma-separated; default 1,16).
+    #[arg(long, value_delimiter = ',')]
+    producers: Vec<usize>,
+    /// Seconds per producer cell (default 1.2 quick, 5 full).
+    #[arg(long)]
+    producer_secs: Option<f64>,
+    /// Interleaved rounds of the producer cells, averaged (default 1 quick, 2 full).
+    #[arg(long)]
+    producer_rounds: Option<usize>,
     /// Events through the soak (full mode; default 10M).
     #[arg(long)]
     soak_events: Option<u64>,
@@ -178,13 +187,24 @@ async fn run(args: &Args, db: &db::BenchDb, report: &mut report::Report) -> anyh
     }
     if wanted("producer") {
         let cfg = producer::ProducerConfig {
-            concurrency: vec![1, 16],
-            duration: if full {
-                Duration::from_secs(5)
+            concurrency: if args.producers.is_empty() {
+                vec![1, 16]
             } else {
-                Duration::from_millis(1200)
+                args.producers.clone()
             },
-            rounds: if full { 2 } else { 1 },
+            duration: args
+                .producer_secs
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .filter(|d| !d.is_zero())
+                .unwrap_or(if full {
+                    Duration::from_secs(5)
+                } else {
+                    Duration::from_millis(1200)
+                }),
+            rounds: args
+                .producer_rounds
+                .filter(|r| *r > 0)
+                .unwrap_or(if full { 2 } else { 1 }),
             keys: 10_000,
         };
         producer::run(db, &cfg, report).await?;

@@ -28,7 +28,7 @@ use outbox::postgres::{self, MigrateError, MigrateOptions};
 use outbox::Publisher;
 
 use crate::dead::DeadAction;
-use crate::out::{out, BrokenPipe};
+use crate::out::BrokenPipe;
 
 mod config_cmd;
 mod docs_cmd;
@@ -391,10 +391,10 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|e| UsageError(e.into()))?;
             for name in &report.created {
-                out(format!("created  {name}"))?;
+                crate::out::out(format!("created  {name}"))?;
             }
             for name in &report.existing {
-                out(format!("exists   {name}"))?;
+                crate::out::out(format!("exists   {name}"))?;
             }
             Ok(())
         }

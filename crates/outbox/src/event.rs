@@ -90,6 +90,10 @@ pub struct NewEvent {
     pub(crate) payload: Box<RawValue>,
     pub(crate) headers: Headers,
     pub(crate) destination: Option<String>,
+    /// Not published before this time (`available_at`); `None`: due at commit.
+    pub(crate) deliver_after: Option<DateTime<Utc>>,
+    /// While it waits for `deliver_after`, the later events of its key wait for it (`holds_key`).
+    pub(crate) holds_key: bool,
 }
 
 impl NewEvent {
@@ -107,6 +111,8 @@ impl NewEvent {
             payload: empty_object(),
             headers: Headers::new(),
             destination: None,
+            deliver_after: None,
+            holds_key: true,
         }
     }
 
@@ -137,6 +143,36 @@ impl NewEvent {
         self
     }
 
+    /// Delays the event: the relay publishes it not before `at` (the `available_at` column), and
+    /// soon after (its maintenance releases due events every second and wakes the relay). A time
+    /// in the past, or at the moment of the insert, is the same as no delay.
+    ///
+    /// Per-key order holds by default: the later events of the same key wait behind the delayed
+    /// one and are published after it. [`NewEvent::holds_key`]`(false)` lets them pass instead.
+    ///
+    /// ```
+    /// use outbox::NewEvent;
+    /// let remind = NewEvent::new("cart", "c-7", "CartReminder")
+    ///     .deliver_after(chrono::Utc::now() + chrono::Duration::hours(24));
+    /// assert!(remind.delivery_time().is_some());
+    /// ```
+    pub fn deliver_after(mut self, at: DateTime<Utc>) -> Self {
+        self.deliver_after = Some(at);
+        self
+    }
+
+    /// For a delayed event ([`NewEvent::deliver_after`]): whether the later events of its key
+    /// wait for it (`true`, the default: per-key order holds) or are published while it waits
+    /// (`false`). With `false` the delayed event leaves its key's order until it is due: it is
+    /// published after the earlier events of its key, possibly after later ones; once due, the
+    /// later events that are not published yet wait for it as usual. Use it for timers and
+    /// reminders that must not stall their aggregate's stream. No effect on an event without a
+    /// delay. The SQL column is `holds_key`.
+    pub fn holds_key(mut self, holds: bool) -> Self {
+        self.holds_key = holds;
+        self
+    }
+
     /// Overrides the generated id, e.g. to derive it from a request id so retries of the producer's
     /// own request do not enqueue twice (the table rejects a duplicate id).
     pub fn with_id(mut self, id: Uuid) -> Self {
@@ -161,6 +197,14 @@ impl NewEvent {
     }
     pub fn headers(&self) -> &Headers {
         &self.headers
+    }
+    /// The time set by [`NewEvent::deliver_after`], if any.
+    pub fn delivery_time(&self) -> Option<DateTime<Utc>> {
+        self.deliver_after
+    }
+    /// See [`NewEvent::holds_key`].
+    pub fn holds_its_key(&self) -> bool {
+        self.holds_key
     }
 
     /// The payload's size as `events.max_payload_bytes` counts it: the bytes of the payload's

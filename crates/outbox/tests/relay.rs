@@ -1545,4 +1545,221 @@ async fn a_long_replay_reports_progress_and_stops_between_batches() {
         .unwrap()
         .changed
         .is_empty());
+
+// ---- Delayed events (issue 13) ----
+
+/// A relay with a 30 s poll that stops polling 100 ms after its last event: anything published
+/// later than that came from a wake-up, not from the poll.
+async fn spawn_slow_poll_relay(db: &TestDb, publisher: &MemoryPublisher) -> outbox::RelayHandle {
+    let mut options = fast_options();
+    options.poll_interval = Duration::from_secs(30);
+    options.active_period = Duration::from_millis(100);
+    Relay::new(
+        store(db, PgStoreOptions::default()).await,
+        publisher.clone(),
+        options,
+    )
+    .spawn()
+}
+
+fn event_types(publisher: &MemoryPublisher, aggregate_id: &str) -> Vec<String> {
+    publisher
+        .published()
+        .into_iter()
+        .filter(|e| e.aggregate_id == aggregate_id)
+        .map(|e| e.event_type)
+        .collect()
+}
+
+/// A delayed event is not published before its time and is published soon after it, without
+/// waiting for the poll interval; later events of its key wait behind it and follow it in order;
+/// other keys are not held up.
+#[tokio::test]
+async fn a_delayed_event_holds_its_key_until_it_is_published_soon_after_its_time() {
+    let db = TestDb::new().await.unwrap();
+    let publisher = MemoryPublisher::new();
+    let handle = spawn_slow_poll_relay(&db, &publisher).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(2000);
+    let outbox = Outbox::new(Schema::default());
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue_all(
+            &mut tx,
+            [
+                NewEvent::new("order", "k", "Delayed").deliver_after(due),
+                NewEvent::new("order", "k", "After"),
+                NewEvent::new("order", "other", "Now"),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let other = wait_until(Duration::from_millis(1500), || async {
+        !event_types(&publisher, "other").is_empty()
+    })
+    .await;
+    assert!(other, "another key waited for the delayed event");
+    let before = (due - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(before.saturating_sub(Duration::from_millis(150))).await;
+    assert!(
+        event_types(&publisher, "k").is_empty(),
+        "published before its time"
+    );
+    let both = wait_until(Duration::from_secs(4), || async {
+        event_types(&publisher, "k").len() == 2
+    })
+    .await;
+    let at = chrono::Utc::now();
+    handle.stop().await.unwrap();
+    assert!(
+        both,
+        "not published within 4 s of its time (poll interval 30 s)"
+    );
+    assert!(at >= due);
+    assert_eq!(event_types(&publisher, "k"), ["Delayed", "After"]);
+    assert!(order_violations(&publisher.published()).is_empty());
+    db.drop_db().await.unwrap();
+}
+
+/// `holds_key = false` (here from plain SQL, the column SQL producers set): the later events of
+/// the key are published while the delayed one waits; it follows when due.
+#[tokio::test]
+async fn a_delayed_event_that_does_not_hold_its_key_lets_later_events_pass() {
+    let db = TestDb::new().await.unwrap();
+    let publisher = MemoryPublisher::new();
+    let handle = spawn_slow_poll_relay(&db, &publisher).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload, available_at, holds_key)
+         VALUES ('order', 'k', 'Reminder', '{}', now() + interval '2 seconds', false)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let due: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT available_at FROM outbox_event WHERE event_type = 'Reminder'")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    Outbox::new(Schema::default())
+        .enqueue(&mut tx, NewEvent::new("order", "k", "Paid"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let passed = wait_until(Duration::from_millis(1500), || async {
+        event_types(&publisher, "k") == ["Paid"]
+    })
+    .await;
+    assert!(
+        passed,
+        "the later event of the key waited for the delayed one"
+    );
+    assert!(chrono::Utc::now() < due, "the test ran too slowly to tell");
+    let delayed = wait_until(Duration::from_secs(5), || async {
+        event_types(&publisher, "k").len() == 2
+    })
+    .await;
+    let at = chrono::Utc::now();
+    handle.stop().await.unwrap();
+    assert!(
+        delayed,
+        "the delayed event was not published within 3 s of its time"
+    );
+    assert!(at >= due, "published before its time");
+    assert_eq!(event_types(&publisher, "k"), ["Paid", "Reminder"]);
+    db.drop_db().await.unwrap();
+}
+
+/// A delayed event's state in the table: parked (holds its key) or scheduled (does not); the
+/// later events of a key whose delayed head waits are parked by maintenance out of the claim's
+/// way, and a claim meanwhile returns only the other keys.
+#[tokio::test]
+async fn delayed_events_stay_out_of_the_claim_until_due() {
+    let db = TestDb::new().await.unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let outbox = Outbox::new(Schema::default());
+    let mut tx = db.pool.begin().await.unwrap();
+    outbox
+        .enqueue_all(
+            &mut tx,
+            [
+                NewEvent::new("a", "held", "Delayed").deliver_after(later),
+                NewEvent::new("a", "held", "Behind"),
+                NewEvent::new("a", "free", "Delayed")
+                    .deliver_after(later)
+                    .holds_key(false),
+                NewEvent::new("a", "free", "Passes"),
+                NewEvent::new("a", "past", "NotDelayed")
+                    .deliver_after(chrono::Utc::now() - chrono::Duration::minutes(1)),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let states: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT aggregate_id, event_type, status FROM outbox_event ORDER BY seq")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let status = |id: &str, ty: &str| {
+        states
+            .iter()
+            .find(|(a, t, _)| a == id && t == ty)
+            .map(|(_, _, s)| s.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(status("held", "Delayed"), "parked");
+    assert_eq!(status("free", "Delayed"), "scheduled");
+    assert_eq!(status("past", "NotDelayed"), "pending");
+
+    let store = store(&db, PgStoreOptions::default()).await;
+    store.maintain().await.unwrap();
+    assert_eq!(status("held", "Behind"), "pending");
+    let parked: String = sqlx::query_scalar(
+        "SELECT status FROM outbox_event WHERE aggregate_id = 'held' AND event_type = 'Behind'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        parked, "parked",
+        "maintenance parks what waits behind a delayed head"
+    );
+    let claim = store.claim(10).await.unwrap();
+    let mut got: Vec<String> = claim
+        .events()
+        .iter()
+        .map(|e| format!("{}/{}", e.aggregate_id, e.event_type))
+        .collect();
+    got.sort();
+    assert_eq!(got, ["free/Passes", "past/NotDelayed"]);
+    claim.release().await.unwrap();
+
+    // Due now: maintenance releases both delayed events, and the key's order holds again.
+    sqlx::query("UPDATE outbox_event SET available_at = now() WHERE event_type = 'Delayed'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    store.maintain().await.unwrap();
+    let publisher = MemoryPublisher::new();
+    let relay = Relay::new(store, publisher.clone(), fast_options());
+    relay.drain().await.unwrap();
+    assert_eq!(
+        event_types(&publisher, "held"),
+        ["Delayed", "Behind"],
+        "the delayed head is published first, then what waited behind it"
+    );
+    assert_eq!(
+        event_types(&publisher, "free"),
+        ["Delayed", "Passes"],
+        "once due, a delayed event is ordered by its seq again: what was not published yet follows it"
+    );
+    assert_eq!(remaining(&db).await, 0);
+    db.drop_db().await.unwrap();
 }

@@ -21,7 +21,8 @@ use crate::store::Backlog;
 /// The outbox at a glance (`outbox status --json`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Status {
-    /// Events not yet published (deliverable, waiting in backoff, held or blocked: all below).
+    /// Events not yet published (deliverable, waiting in backoff, held or blocked: all below;
+    /// delayed events that are not due yet count here too).
     pub pending: i64,
     /// Pending events waiting out a backoff after a failed attempt.
     pub retrying: i64,
@@ -57,7 +58,8 @@ pub async fn backlog(pool: &PgPool, schema: &Schema) -> Result<Backlog, sqlx::Er
     let t = schema.qualify("outbox_event");
     let row = sqlx::query(&format!(
         "SELECT
-             (SELECT count(*) FROM {t} WHERE status IN ('pending', 'parked')),
+             (SELECT count(*) FROM {t} WHERE status IN ('pending', 'parked'))
+               + (SELECT count(*) FROM {t} WHERE status = 'scheduled'),
              (SELECT count(*) FROM {t} WHERE status = 'pending'),
              (SELECT count(*) FROM {t} WHERE status = 'dead'),
              (SELECT count(*) FROM (SELECT DISTINCT aggregate_type, aggregate_id FROM {t}
@@ -77,16 +79,21 @@ pub async fn backlog(pool: &PgPool, schema: &Schema) -> Result<Backlog, sqlx::Er
 }
 
 /// The age of the oldest undelivered event in seconds (0 without one), as a select-list item.
+/// A delayed event that is not due yet (parked, never tried, not held, a finite `available_at`
+/// in the future) does not count: it is not late.
 const OLDEST_AGE: &str = "COALESCE(EXTRACT(EPOCH FROM now() - LEAST(
                  (SELECT created_at FROM {t} WHERE status = 'pending' ORDER BY seq LIMIT 1),
-                 (SELECT min(created_at) FROM {t} WHERE status = 'parked'))), 0)::float8";
+                 (SELECT min(created_at) FROM {t} WHERE status = 'parked'
+                    AND NOT (attempts = 0 AND held_for IS NULL
+                             AND available_at > now() AND available_at < 'infinity')))), 0)::float8";
 
 pub async fn status(pool: &PgPool, schema: &Schema) -> Result<Status, sqlx::Error> {
     let t = schema.qualify("outbox_event");
     // Separate sub-selects so each can use its partial index instead of one full scan.
     let row = sqlx::query(&format!(
         "SELECT
-             (SELECT count(*) FROM {t} WHERE status IN ('pending', 'parked')),
+             (SELECT count(*) FROM {t} WHERE status IN ('pending', 'parked'))
+               + (SELECT count(*) FROM {t} WHERE status = 'scheduled'),
              (SELECT count(*) FROM {t} WHERE status = 'parked' AND available_at < 'infinity'
                                          AND held_for IS NULL AND attempts > 0),
              (SELECT count(*) FROM {t} WHERE status = 'parked' AND held_for IS NOT NULL),

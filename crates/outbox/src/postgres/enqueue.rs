@@ -86,6 +86,10 @@ pub struct Outbox {
     limits: EventLimits,
     insert_one: String,
     insert_many: String,
+    /// For delayed events: the same with `available_at` and `holds_key` (a producer role needs
+    /// INSERT on those columns only if it delays events).
+    insert_one_delayed: String,
+    insert_many_delayed: String,
 }
 
 impl Outbox {
@@ -106,11 +110,24 @@ impl Outbox {
             "INSERT INTO {table} (id, aggregate_type, aggregate_id, event_type, payload, headers, destination) \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::text[])"
         );
+        let insert_one_delayed = format!(
+            "INSERT INTO {table} (id, aggregate_type, aggregate_id, event_type, payload, headers, destination, available_at, holds_key) \
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8, $9)"
+        );
+        // Events without a delay in the same batch are due now (the column's default).
+        let insert_many_delayed = format!(
+            "INSERT INTO {table} (id, aggregate_type, aggregate_id, event_type, payload, headers, destination, available_at, holds_key) \
+             SELECT i, t, a, e, p, h, d, COALESCE(w, now()), k \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::text[], $8::timestamptz[], $9::bool[]) \
+                 AS u(i, t, a, e, p, h, d, w, k)"
+        );
         Self {
             schema,
             limits,
             insert_one,
             insert_many,
+            insert_one_delayed,
+            insert_many_delayed,
         }
     }
 
@@ -134,16 +151,23 @@ impl Outbox {
     ) -> Result<Uuid, EnqueueError> {
         crate::trace::capture(&mut event.headers);
         event.validate(&self.limits)?;
-        sqlx::query(&self.insert_one)
+        let sql = match event.deliver_after {
+            Some(_) => &self.insert_one_delayed,
+            None => &self.insert_one,
+        };
+        let query = sqlx::query(sql)
             .bind(event.id)
             .bind(&event.aggregate_type)
             .bind(&event.aggregate_id)
             .bind(&event.event_type)
             .bind(event.payload.get())
             .bind(headers_json(&event))
-            .bind(&event.destination)
-            .execute(conn)
-            .await?;
+            .bind(&event.destination);
+        let query = match event.deliver_after {
+            Some(at) => query.bind(at).bind(event.holds_key),
+            None => query,
+        };
+        query.execute(conn).await?;
         Ok(event.id)
     }
 
@@ -164,7 +188,13 @@ impl Outbox {
         }
         let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
         let column = |f: fn(&NewEvent) -> String| events.iter().map(f).collect::<Vec<_>>();
-        sqlx::query(&self.insert_many)
+        let delayed = events.iter().any(|e| e.deliver_after.is_some());
+        let sql = if delayed {
+            &self.insert_many_delayed
+        } else {
+            &self.insert_many
+        };
+        let query = sqlx::query(sql)
             .bind(&ids)
             .bind(column(|e| e.aggregate_type.clone()))
             .bind(column(|e| e.aggregate_id.clone()))
@@ -176,9 +206,15 @@ impl Outbox {
                     .iter()
                     .map(|e| e.destination.clone())
                     .collect::<Vec<_>>(),
-            )
-            .execute(conn)
-            .await?;
+            );
+        let query = if delayed {
+            query
+                .bind(events.iter().map(|e| e.deliver_after).collect::<Vec<_>>())
+                .bind(events.iter().map(|e| e.holds_key).collect::<Vec<_>>())
+        } else {
+            query
+        };
+        query.execute(conn).await?;
         Ok(ids)
     }
 }

@@ -41,6 +41,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "payload size limit for SQL producers (events.max_payload_bytes)",
         template: include_str!("migrations/0003_payload_size.sql"),
     },
+    Migration {
+        version: 4,
+        name: "lean insert: headers rule without a function call, wake-up queued only when wanted",
+        template: include_str!("migrations/0004_lean_insert.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "delayed events: available_at set by producers, holds_key, scheduled status",
+        template: include_str!("migrations/0005_delayed_events.sql"),
+    },
 ];
 
 /// The newest schema version this library knows.

@@ -99,10 +99,13 @@ impl Statements {
     fn new(o: &PgStoreOptions) -> Self {
         let t = o.schema.qualify("outbox_event");
         // Which earlier rows hold a key back. Parked rows are undelivered like pending ones; a
-        // dead row holds its key only under block_key.
+        // dead row holds its key only under block_key; a scheduled row (a delayed event that
+        // lets its key pass, migration 5) holds it back only once it is due and pending.
         let undelivered = |alias: &str| match o.dead_letter {
             DeadLetterPolicy::Continue => format!("{alias}.status IN ('pending', 'parked')"),
-            DeadLetterPolicy::BlockKey => format!("{alias}.status <> 'published'"),
+            DeadLetterPolicy::BlockKey => {
+                format!("{alias}.status NOT IN ('published', 'scheduled')")
+            }
         };
         // A key's head that cannot move now: waiting out a backoff or a destination, or dead
         // under block_key.
@@ -213,7 +216,8 @@ impl Statements {
              SELECT e.seq, e.id, e.aggregate_type, e.aggregate_id, e.event_type,
                     CASE WHEN b.oversized THEN NULL ELSE e.payload::text END AS payload,
                     e.headers, e.destination, e.created_at, e.attempts,
-                    e.last_error IS NOT NULL AS was_blocked, b.bytes, b.oversized
+                    (e.last_error IS NOT NULL OR e.available_at > e.created_at) AS was_blocked,
+                    b.bytes, b.oversized
              FROM walk b JOIN {t} e ON e.seq = b.seq
              WHERE b.oversized OR NOT b.behind_oversized
              ORDER BY e.seq"
@@ -289,15 +293,24 @@ impl Statements {
                  ORDER BY published_at LIMIT $2
                  FOR UPDATE SKIP LOCKED)"
         );
-        // Heads whose backoff or destination hold ran out take part in claims again; their later
-        // events stay parked until the head is published (then settle unparks them).
+        // Heads whose backoff, destination hold or delay ran out take part in claims again; their
+        // later events stay parked until the head is published (then settle unparks them).
+        // Scheduled events (delayed, letting their key pass) that are due join their key's order.
+        // One arm per partial index, so neither scans the table.
         let due = format!(
-            "UPDATE {t} SET status = 'pending', held_for = NULL
-             WHERE seq IN (
+            "WITH parked AS (
                  SELECT seq FROM {t}
                  WHERE status = 'parked' AND available_at <= now()
                  ORDER BY available_at LIMIT {MAINTENANCE_BATCH}
-                 FOR UPDATE SKIP LOCKED)"
+                 FOR UPDATE SKIP LOCKED
+             ), scheduled AS (
+                 SELECT seq FROM {t}
+                 WHERE status = 'scheduled' AND available_at <= now()
+                 ORDER BY available_at LIMIT {MAINTENANCE_BATCH}
+                 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE {t} SET status = 'pending', held_for = NULL
+             WHERE seq IN (SELECT seq FROM parked UNION ALL SELECT seq FROM scheduled)"
         );
         // Events committed since the last round ($1 = the highest seq looked at then) behind a
         // key whose head cannot move are parked. The head is locked FOR SHARE: whatever unblocks
@@ -571,8 +584,8 @@ async fn listen(mut listener: PgListener, wake: std::sync::Weak<watch::Sender<u6
 pub struct PgClaim {
     tx: Option<Transaction<'static, Postgres>>,
     events: Vec<OutboxEvent>,
-    /// Per event: it had waited before (backoff, destination, replay), so its key's later events
-    /// may be parked and must be unparked once it is published.
+    /// Per event: it had waited before (backoff, destination, replay, a delay), so its key's later
+    /// events may be parked and must be unparked once it is published.
     was_blocked: Vec<bool>,
     /// The claim dead-lettered oversized events in its transaction: giving the claim back must
     /// keep that (commit, changing nothing else) rather than roll it back.
