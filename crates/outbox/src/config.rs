@@ -715,7 +715,7 @@ impl<'de> Deserialize<'de> for PublisherSpec {
 ///
 /// Unknown keys are errors: inside the known sections by their types, at the top level by
 /// [`Config::problems`] (a key that is not a table) and by
-/// [`Registry::problems`](crate::publisher::Registry::problems) (a table no linked publisher kind
+/// [`Registry::problems`](crate::Registry::problems) (a table no linked publisher kind
 /// reads).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {

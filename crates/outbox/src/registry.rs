@@ -144,7 +144,7 @@ impl BuildError {
 /// problem at once, naming the key (`destinations.NAME.FIELD`, `aws.region`) and the fix;
 /// [`build`](Self::build) is called only when there were none, and does not contact the broker
 /// either (the relay calls each destination's [`Publisher::check`] at start-up for that). Each
-/// destination built must honour the [`Publisher`] contract; [`super::batch`] does the per-key
+/// destination built must honour the [`Publisher`] contract; [`crate::publisher::batch`] does the per-key
 /// batching for brokers with a batch call.
 #[async_trait]
 pub trait PublisherFactory: Send + Sync + 'static {

@@ -1545,6 +1545,7 @@ async fn a_long_replay_reports_progress_and_stops_between_batches() {
         .unwrap()
         .changed
         .is_empty());
+}
 
 // ---- Delayed events (issue 13) ----
 

@@ -6,8 +6,8 @@
 //!   `[[routes]]`, `default_destination`).
 //! - [`envelope`]: what a message body holds (payload, the outbox envelope, or a CloudEvent),
 //!   the same choice for every kind.
-//! - [`registry`]: how a publisher kind plugs in ([`PublisherFactory`]) and how a program builds
-//!   the configured publisher in one call ([`Registry::build`]).
+//! - How a kind plugs in and how a program builds the configured publisher is the set-up layer's
+//!   job: [`crate::registry`] ([`crate::PublisherFactory`], [`crate::Registry::build`]).
 //! - the built-in kinds `stdout`, `file` and `null` ([`StdoutPublisher`], [`FilePublisher`]), and
 //!   [`MemoryPublisher`] for tests.
 //!

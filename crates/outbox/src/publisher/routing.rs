@@ -155,7 +155,7 @@ impl fmt::Debug for Router {
 
 impl Router {
     /// A router over built destinations; `routes` must name only these destinations
-    /// ([`Routes::problems`] is empty).
+    /// (the registry found no problem with the routes).
     pub fn new(routes: Routes, destinations: BTreeMap<String, Box<dyn Publisher>>) -> Self {
         Self {
             routes,
