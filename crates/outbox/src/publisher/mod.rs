@@ -49,7 +49,9 @@ pub mod registry;
 pub mod routing;
 
 pub use builtin::{Builtin, FilePublisher, StdoutPublisher};
-pub use envelope::{envelope_json, BodyFormat};
+pub use envelope::{
+    cloudevent_attributes, envelope_json, BodyFormat, CLOUDEVENTS_DATA_CONTENT_TYPE,
+};
 pub use memory::{Fault, MemoryPublisher};
 pub use registry::{BuildError, DestinationRef, PublisherFactory, Registry};
 pub use routing::{RouteConfig, Router, Routes};
