@@ -177,9 +177,17 @@ fn redacted_headers<S: Serializer>(
 /// Whether a header's value is a credential that must never be printed.
 pub fn is_secret_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    ["authorization", "cookie", "token", "key", "secret", "password", "signature"]
-        .iter()
-        .any(|marker| lower.contains(marker))
+    [
+        "authorization",
+        "cookie",
+        "token",
+        "key",
+        "secret",
+        "password",
+        "signature",
+    ]
+    .iter()
+    .any(|marker| lower.contains(marker))
 }
 
 /// Why a signing secret is unusable (its value is never part of the message).

@@ -58,12 +58,13 @@ impl PublisherFactory for Webhook {
         config: &Config,
         destinations: &[DestinationRef<'_>],
     ) -> Result<Vec<(String, Box<dyn Publisher>)>, BuildError> {
-        let webhooks = WebhookConfig::read(config, destinations).map_err(|p| match p.into_result() {
-            Err(e) => BuildError::Config(e),
-            Ok(()) => BuildError::Config(outbox::ConfigError::Invalid(
-                "webhook destinations: invalid".into(),
-            )),
-        })?;
+        let webhooks =
+            WebhookConfig::read(config, destinations).map_err(|p| match p.into_result() {
+                Err(e) => BuildError::Config(e),
+                Ok(()) => BuildError::Config(outbox::ConfigError::Invalid(
+                    "webhook destinations: invalid".into(),
+                )),
+            })?;
         let mut built: Vec<(String, Box<dyn Publisher>)> = Vec::new();
         for (name, destination) in webhooks.destinations {
             let publisher = WebhookPublisher::new(&name, destination).map_err(|e| {

@@ -147,7 +147,9 @@ pub fn event_headers(event: &OutboxEvent, body: BodyFormat) -> (HeaderMap, Vec<S
     }
     if body.is_binary() {
         for (attribute, value) in cloudevent_attributes(event) {
-            if let Ok(name) = HeaderName::from_bytes(format!("{CE_HEADER_PREFIX}{attribute}").as_bytes()) {
+            if let Ok(name) =
+                HeaderName::from_bytes(format!("{CE_HEADER_PREFIX}{attribute}").as_bytes())
+            {
                 headers.insert(name, header_value(&ce_header_value(&value)));
             }
         }
@@ -307,7 +309,10 @@ impl WebhookPublisher {
         headers.insert(WEBHOOK_ID, header_value(id));
         headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
         if let Some(key) = &self.key {
-            headers.insert(WEBHOOK_SIGNATURE, header_value(&sign(key, id, timestamp, body)));
+            headers.insert(
+                WEBHOOK_SIGNATURE,
+                header_value(&sign(key, id, timestamp, body)),
+            );
         }
         for (name, value) in &self.static_headers {
             headers.insert(name.clone(), value.clone());
@@ -384,10 +389,7 @@ impl WebhookPublisher {
             return Ok((self.url.fill(""), true));
         }
         let url = Url::parse(&self.url.fill("x")).map_err(|e| {
-            PublishError::permanent(format!(
-                "destinations.{}.url is not a URL: {e}",
-                self.name
-            ))
+            PublishError::permanent(format!("destinations.{}.url is not a URL: {e}", self.name))
         })?;
         Ok((format!("{}/", url.origin().ascii_serialization()), false))
     }
@@ -446,7 +448,11 @@ async fn body_snippet(mut response: reqwest::Response) -> String {
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    format!(": {:?}{}", text.trim(), if cut { " (truncated)" } else { "" })
+    format!(
+        ": {:?}{}",
+        text.trim(),
+        if cut { " (truncated)" } else { "" }
+    )
 }
 
 /// `Retry-After`: a number of seconds, or an HTTP date (a date in the past is no delay).
@@ -582,7 +588,8 @@ impl WebhookPublisher {
             let Some(first) = entries.first() else {
                 return Vec::new();
             };
-            let mut body = Vec::with_capacity(entries.iter().map(|e| e.body.len() + 1).sum::<usize>() + 1);
+            let mut body =
+                Vec::with_capacity(entries.iter().map(|e| e.body.len() + 1).sum::<usize>() + 1);
             body.push(b'[');
             for (i, e) in entries.iter().enumerate() {
                 if i > 0 {
@@ -684,7 +691,10 @@ mod tests {
         assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
         let later = SystemTime::now() + Duration::from_secs(100);
         let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
-        assert!(d > Duration::from_secs(90) && d <= Duration::from_secs(100), "{d:?}");
+        assert!(
+            d > Duration::from_secs(90) && d <= Duration::from_secs(100),
+            "{d:?}"
+        );
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
             Some(Duration::ZERO)

@@ -114,7 +114,10 @@ mod tests {
         let t = Template::parse("http://h/{aggregate_type}/{event_type}").unwrap();
         assert!(!t.is_literal());
         assert_eq!(t.fill("x"), "http://h/x/x");
-        assert_eq!(t.render_with("a/b", "c d?é", true), "http://h/a%2Fb/c%20d%3F%C3%A9");
+        assert_eq!(
+            t.render_with("a/b", "c d?é", true),
+            "http://h/a%2Fb/c%20d%3F%C3%A9"
+        );
         assert_eq!(t.render_with("..", "ok", true), "http://h/%2E%2E/ok");
         assert!(Template::parse("http://h/").unwrap().is_literal());
     }

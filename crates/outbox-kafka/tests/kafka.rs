@@ -498,8 +498,10 @@ async fn cloudevents_binary_mode_carries_the_attributes_as_ce_headers() {
     }
     let topic = unique("binary");
     create_topic(&topic).await.unwrap();
-    let text = config_text(&brokers(), &topic, "")
-        .replace("kind = \"kafka\"", "kind = \"kafka\"\n        body = \"cloudevents-binary\"");
+    let text = config_text(&brokers(), &topic, "").replace(
+        "kind = \"kafka\"",
+        "kind = \"kafka\"\n        body = \"cloudevents-binary\"",
+    );
     let publisher = publisher(&text).await.unwrap();
     let event = conformance::event(1, "o-1", "OrderPlaced", serde_json::json!({"total": 12}));
     let results = publisher.publish(std::slice::from_ref(&event)).await;
