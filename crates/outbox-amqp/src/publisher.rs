@@ -5,7 +5,11 @@
 //!   event type, `content_type` = `application/json`, `timestamp` = the event's `created_at`.
 //! - Headers (AMQP table of long strings): `outbox-event-id`, `outbox-event-type`,
 //!   `outbox-aggregate-type`, `outbox-aggregate-id`, then the event's own headers (`traceparent`
-//!   included); a header name longer than 255 bytes or one of ours (`outbox-…`) is dropped.
+//!   included); a header name longer than 255 bytes or one of ours (`outbox-…`) is dropped. With
+//!   `body = "cloudevents-binary"` the CloudEvent attributes are added as `cloudEvents_specversion`,
+//!   `cloudEvents_id`, `cloudEvents_source`, `cloudEvents_type`, `cloudEvents_subject`,
+//!   `cloudEvents_time` (and `cloudEvents_traceparent` / `cloudEvents_tracestate`) and the body
+//!   is the payload (the CloudEvents AMQP binding, binary mode).
 //! - `mandatory`: a message no queue is bound for comes back (`basic.return`, 312 NO_ROUTE) and
 //!   is this event's **permanent** failure (it would be lost otherwise).
 //! - Order: the core's wave engine sends one event per key at a time, the next only after the
@@ -21,6 +25,7 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, ConnectionProperties, ExchangeKind};
 use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
+use outbox::publisher::cloudevent_attributes;
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use tokio::sync::Mutex;
 
@@ -190,6 +195,23 @@ pub fn headers_for(event: &OutboxEvent) -> (FieldTable, Vec<String>) {
     (table, dropped)
 }
 
+/// The prefix of the CloudEvents attributes in binary mode (`body = "cloudevents-binary"`): the
+/// CloudEvents AMQP protocol binding maps each attribute to an application property named
+/// `cloudEvents_<attribute>` (RabbitMQ's AMQP 0-9-1 headers table); the data content type is the
+/// message's `content_type` property (`application/json`).
+pub const CE_PROPERTY_PREFIX: &str = "cloudEvents_";
+
+/// Adds `event`'s CloudEvent attributes to `headers` (binary mode), replacing an event header of
+/// the same name.
+pub fn add_cloudevent_attributes(headers: &mut FieldTable, event: &OutboxEvent) {
+    for (name, value) in cloudevent_attributes(event) {
+        headers.insert(
+            ShortString::from(format!("{CE_PROPERTY_PREFIX}{name}")),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    }
+}
+
 /// `text` cut to at most `max` bytes at a character boundary (AMQP short strings hold 255).
 fn truncated(text: &str, max: usize) -> &str {
     let mut end = text.len().min(max);
@@ -250,9 +272,12 @@ impl Sink for Wave<'_> {
                 p.name
             )));
         }
-        let (headers, dropped) = headers_for(event);
+        let (mut headers, dropped) = headers_for(event);
         if !dropped.is_empty() {
             tracing::debug!(id = %event.id, ?dropped, "headers not carried as AMQP headers");
+        }
+        if p.config.body.is_binary() {
+            add_cloudevent_attributes(&mut headers, event);
         }
         let properties = BasicProperties::default()
             .with_message_id(ShortString::from(event.id.to_string()))

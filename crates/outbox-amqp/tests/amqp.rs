@@ -407,3 +407,50 @@ fn configuration_problems_name_every_key_and_the_fix_at_once() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn cloudevents_binary_mode_carries_the_attributes_as_application_properties() {
+    let fixture = Exchanges {
+        channel: admin().await,
+        created: Mutex::default(),
+    };
+    let (exchange, queue) = fixture.create("#").await.unwrap();
+    let destination = RabbitDestination {
+        exchange,
+        routing_key: "{aggregate_type}.{event_type}".into(),
+        body: BodyFormat::CloudeventsBinary,
+        max_payload_bytes: MAX_BODY,
+    };
+    let p = RabbitPublisher::new(
+        "binary",
+        destination,
+        Arc::new(Connection::new(RabbitSection {
+            url: url(),
+            timeout: Duration::from_secs(3),
+        })),
+    )
+    .unwrap();
+    let event = conformance::event(1, "o-1", "OrderPlaced", serde_json::json!({"total": 12}));
+    let results = p.publish(std::slice::from_ref(&event)).await;
+    let received = fixture
+        .receiver(queue)
+        .receive(1, Duration::from_secs(5))
+        .await;
+    fixture.clean_up().await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let received = received.unwrap();
+    assert_eq!(received.len(), 1, "{received:?}");
+    let h = &received[0].headers;
+    assert_eq!(h["cloudEvents_specversion"], "1.0");
+    assert_eq!(h["cloudEvents_id"], event.id.to_string());
+    assert_eq!(h["cloudEvents_source"], "/outbox/conformance");
+    assert_eq!(h["cloudEvents_type"], "OrderPlaced");
+    assert_eq!(h["cloudEvents_subject"], "o-1");
+    assert!(h["cloudEvents_time"].ends_with('Z'), "{h:?}");
+    assert_eq!(h["cloudEvents_traceparent"], conformance::TRACEPARENT);
+    assert_eq!(
+        received[0].body,
+        serde_json::json!({"total": 12}),
+        "the data alone"
+    );
+}

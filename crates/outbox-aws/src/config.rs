@@ -607,6 +607,15 @@ fn validate_destination(
             Ok(())
         }
     };
+    // SQS, SNS and EventBridge carry no protocol headers a CloudEvents binding maps attributes to.
+    let (body_key, body) = match destination {
+        DestinationConfig::Sqs(sqs) => ("body", sqs.body),
+        DestinationConfig::Sns(sns) => ("body", sns.body),
+        DestinationConfig::Eventbridge(eb) => ("detail", eb.detail),
+    };
+    if let Some((problem, fix)) = body.binary_unsupported(destination.kind()) {
+        problems.push(AwsConfigError::value(key(body_key), problem, fix));
+    }
     match destination {
         DestinationConfig::Sqs(sqs) => {
             let queue = sqs.queue_name();
@@ -928,6 +937,34 @@ mod tests {
             assert!(err.contains(key), "{key} missing in:\n{err}");
         }
         assert!(err.starts_with("6 configuration problems"), "{err}");
+    }
+
+    #[test]
+    fn cloudevents_binary_mode_is_refused_where_there_are_no_headers() {
+        let text = r#"
+            [default]
+            default_destination = "orders"
+            [default.destinations.orders]
+            kind = "sqs"
+            queue = "orders"
+            body = "cloudevents-binary"
+            [default.destinations.topic]
+            kind = "sns"
+            topic = "orders"
+            body = "cloudevents-binary"
+            [default.destinations.bus]
+            kind = "eventbridge"
+            detail = "cloudevents-binary"
+        "#;
+        let err = load(text, "local").unwrap_err();
+        for key in [
+            "destinations.orders.body",
+            "destinations.topic.body",
+            "destinations.bus.detail",
+        ] {
+            assert!(err.contains(key), "{key} missing in:\n{err}");
+        }
+        assert!(err.contains("body = \"cloudevents\""), "{err}");
     }
 
     #[test]

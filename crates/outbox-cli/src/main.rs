@@ -503,6 +503,8 @@ pub(crate) fn registry() -> outbox::Registry {
     let registry = registry.with(outbox_nats::Nats);
     #[cfg(feature = "rabbitmq")]
     let registry = registry.with(outbox_amqp::RabbitMq);
+    #[cfg(feature = "webhook")]
+    let registry = registry.with(outbox_http::Webhook);
     registry
 }
 

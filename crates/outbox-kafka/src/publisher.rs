@@ -2,10 +2,15 @@
 //!
 //! - Record key: the ordering key `aggregate_type/aggregate_id`, so a key's events go to one
 //!   partition (Kafka's default partitioner hashes the key) and are read in order.
-//! - Value: the payload JSON (default) or the outbox envelope (`body = "envelope"`).
+//! - Value: the payload JSON (default), the outbox envelope (`body = "envelope"`), a structured
+//!   CloudEvent (`body = "cloudevents"`), or the payload as a binary-mode CloudEvent's data
+//!   (`body = "cloudevents-binary"`).
 //! - Headers: `outbox-event-id`, `outbox-event-type`, `outbox-aggregate-type`,
-//!   `outbox-aggregate-id`, `outbox-created-at`, then the event's own headers (`traceparent`, …);
-//!   an event header named like ours (`outbox-…`) is not copied.
+//!   `outbox-aggregate-id`, `outbox-created-at`, then in binary mode the CloudEvent attributes as
+//!   `ce_specversion`, `ce_id`, `ce_source`, `ce_type`, `ce_subject`, `ce_time` (and
+//!   `ce_traceparent` / `ce_tracestate`) with `content-type: application/json` (the Kafka protocol
+//!   binding), then the event's own headers (`traceparent`, …); an event header named like ours
+//!   (`outbox-…`, and in binary mode `ce_…` or `content-type`) is not copied.
 //! - Producer: idempotent, `acks=all` (see [`crate::config::KafkaConfig::producer_config`]).
 //!
 //! Batches go through the core's wave engine ([`outbox::publisher::batch`]): a wave holds at most
@@ -24,12 +29,17 @@ use futures_util::future::join_all;
 use outbox::publisher::batch::{publish_in_waves, Prepared, RequestFailure, Sink};
 use outbox::publisher::headers as outbox_headers;
 use outbox::publisher::template::Template;
+use outbox::publisher::{cloudevent_attributes, CLOUDEVENTS_DATA_CONTENT_TYPE};
 use outbox::{OutboxEvent, PublishError, PublishResult, Publisher};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::{is_topic_char, KafkaDestination, MAX_TOPIC_LEN};
+
+/// The prefix of the CloudEvents attribute headers in binary mode (`body = "cloudevents-binary"`),
+/// per the CloudEvents Kafka protocol binding.
+pub const CE_HEADER_PREFIX: &str = "ce_";
 
 /// Most records enqueued per wave request; librdkafka batches them into produce requests itself.
 const MAX_ENTRIES: usize = 10_000;
@@ -107,12 +117,33 @@ impl KafkaPublisher {
         let value = self.destination.body.render(event);
         let mut headers = outbox_headers::identity(event).to_vec();
         headers.push((outbox_headers::CREATED_AT, event.created_at.to_rfc3339()));
-        let own_headers: Vec<(String, String)> = event
-            .headers
-            .iter()
-            .filter(|(name, _)| !outbox_headers::is_reserved(name))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
+        let binary = self.destination.body.is_binary();
+        let mut own_headers: Vec<(String, String)> = Vec::new();
+        if binary {
+            // The Kafka protocol binding of CloudEvents, binary mode: every attribute as a `ce_`
+            // header, the data content type as `content-type`, the data as the value.
+            own_headers.extend(
+                cloudevent_attributes(event)
+                    .into_iter()
+                    .map(|(name, value)| (format!("{CE_HEADER_PREFIX}{name}"), value)),
+            );
+            own_headers.push((
+                "content-type".to_owned(),
+                CLOUDEVENTS_DATA_CONTENT_TYPE.to_owned(),
+            ));
+        }
+        own_headers.extend(
+            event
+                .headers
+                .iter()
+                .filter(|(name, _)| {
+                    !outbox_headers::is_reserved(name)
+                        && !(binary
+                            && (name.starts_with(CE_HEADER_PREFIX)
+                                || name.eq_ignore_ascii_case("content-type")))
+                })
+                .map(|(n, v)| (n.clone(), v.clone())),
+        );
         let key = event.ordering_key().to_string();
         let size = value.len()
             + key.len()

@@ -443,3 +443,40 @@ async fn an_event_rendering_an_invalid_topic_is_permanent() {
         other => panic!("expected a permanent failure, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn cloudevents_binary_mode_carries_the_attributes_as_ce_headers() {
+    if !kafka_available().await {
+        return;
+    }
+    let topic = unique("binary");
+    create_topic(&topic).await.unwrap();
+    let text = config_text(&brokers(), &topic, "").replace(
+        "kind = \"kafka\"",
+        "kind = \"kafka\"\n        body = \"cloudevents-binary\"",
+    );
+    let publisher = publisher(&text).await.unwrap();
+    let event = conformance::event(1, "o-1", "OrderPlaced", serde_json::json!({"total": 12}));
+    let results = publisher.publish(std::slice::from_ref(&event)).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let received = TopicReceiver::new(&topic)
+        .unwrap()
+        .receive(1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(received.len(), 1, "{received:?}");
+    let h = &received[0].headers;
+    assert_eq!(h["ce_specversion"], "1.0");
+    assert_eq!(h["ce_id"], event.id.to_string());
+    assert_eq!(h["ce_source"], "/outbox/conformance");
+    assert_eq!(h["ce_type"], "OrderPlaced");
+    assert_eq!(h["ce_subject"], "o-1");
+    assert!(h["ce_time"].ends_with('Z'), "{h:?}");
+    assert_eq!(h["ce_traceparent"], conformance::TRACEPARENT);
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(
+        received[0].body,
+        serde_json::json!({"total": 12}),
+        "the data alone"
+    );
+}

@@ -219,6 +219,13 @@ fn validate_destination(d: &DestinationRef<'_>, dest: &NatsDestination, p: &mut 
             );
         }
     }
+    if dest.body.is_binary() {
+        p.add(
+            d.key("body"),
+            "\"cloudevents-binary\" is not supported by kind \"nats\" (the CloudEvents attributes are not mapped to NATS headers)",
+            "use body = \"cloudevents\" (structured mode: the attributes and the data in one JSON body)",
+        );
+    }
     if dest.max_payload_bytes == 0 {
         p.add(
             d.key("max_payload_bytes"),

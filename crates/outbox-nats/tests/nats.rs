@@ -349,6 +349,7 @@ fn configuration_problems_name_every_key_and_the_fix_at_once() {
         kind = "nats"
         subject = "outbox.*.{event_type}"
         max_payload_bytes = 0
+        body = "cloudevents-binary"
         "#,
     );
     let text = Registry::new()
@@ -370,6 +371,7 @@ fn configuration_problems_name_every_key_and_the_fix_at_once() {
         "destinations.c.subject",
         "wildcard",
         "destinations.c.max_payload_bytes",
+        "destinations.c.body",
     ] {
         assert!(text.contains(expected), "{expected:?} missing from: {text}");
     }

@@ -772,7 +772,17 @@ fn serialize_sections<S: serde::Serializer>(
 }
 
 /// Key names whose values are secrets wherever they appear in a publisher's section.
-const SECRET_KEYS: &[&str] = &["password", "secret", "token", "api_key", "sasl_password"];
+// `authorization`, `cookie` and `api-key`: static HTTP headers of webhook destinations.
+const SECRET_KEYS: &[&str] = &[
+    "password",
+    "secret",
+    "token",
+    "api_key",
+    "sasl_password",
+    "authorization",
+    "cookie",
+    "api-key",
+];
 
 /// A copy of a table for display: values of secret-looking keys (see [`SECRET_KEYS`]) and the
 /// password of any URL are replaced, at every depth.

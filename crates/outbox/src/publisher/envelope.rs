@@ -9,8 +9,12 @@
 //! - `cloudevents`: a [CloudEvents 1.0](https://github.com/cloudevents/spec) event in structured
 //!   JSON mode ([`cloudevent_json`]): `id` = event id, `source` = `/outbox/<aggregate_type>`,
 //!   `type` = event type, `subject` = aggregate id, `time` = `created_at`, `data` = the payload, and
-//!   the W3C trace context as the `traceparent` / `tracestate` extensions. Protocols with headers
-//!   can carry the same attributes in binary mode ([`cloudevent_attributes`]).
+//!   the W3C trace context as the `traceparent` / `tracestate` extensions.
+//! - `cloudevents-binary`: the same CloudEvent in *binary* mode: the body is the data (the payload
+//!   JSON) and the attributes travel as protocol headers ([`cloudevent_attributes`], each kind adds
+//!   its binding's prefix: `ce-` for HTTP, `ce_` for Kafka, `cloudEvents_` for AMQP), with the
+//!   content type `application/json` ([`CLOUDEVENTS_DATA_CONTENT_TYPE`]). Only kinds whose protocol
+//!   has headers accept it; the others refuse it at validation ([`BodyFormat::is_binary`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +34,10 @@ pub enum BodyFormat {
     Envelope,
     /// A CloudEvents 1.0 event in structured JSON mode (see [`cloudevent_json`]).
     Cloudevents,
+    /// A CloudEvents 1.0 event in binary mode: the body is the payload and the attributes are
+    /// protocol headers (see [`cloudevent_attributes`]); `body = "cloudevents-binary"`.
+    #[serde(rename = "cloudevents-binary", alias = "cloudevents_binary")]
+    CloudeventsBinary,
 }
 
 impl BodyFormat {
@@ -39,9 +47,33 @@ impl BodyFormat {
             Self::Payload => event.payload.get().to_owned(),
             Self::Envelope => envelope_json(event),
             Self::Cloudevents => cloudevent_json(event),
+            Self::CloudeventsBinary => event.payload.get().to_owned(),
         }
     }
+
+    /// Whether the CloudEvent attributes travel as protocol headers (binary mode): a kind whose
+    /// protocol has no headers must refuse this format at validation
+    /// ([`BodyFormat::binary_unsupported`] says how).
+    pub fn is_binary(self) -> bool {
+        matches!(self, Self::CloudeventsBinary)
+    }
+
+    /// The problem and the fix to report for `key` when a kind without headers is configured with
+    /// `body = "cloudevents-binary"` (`None` for every other format).
+    pub fn binary_unsupported(self, kind: &str) -> Option<(String, String)> {
+        self.is_binary().then(|| {
+            (
+                format!(
+                    "\"cloudevents-binary\" needs protocol headers for the CloudEvent attributes, and kind \"{kind}\" has none"
+                ),
+                "use body = \"cloudevents\" (structured mode: the attributes and the data in one JSON body)".to_owned(),
+            )
+        })
+    }
 }
+
+/// The content type of the data in binary mode (the payload is JSON).
+pub const CLOUDEVENTS_DATA_CONTENT_TYPE: &str = "application/json";
 
 /// Renders the documented JSON envelope of an event, one line, no trailing newline.
 pub fn envelope_json(event: &OutboxEvent) -> String {
@@ -118,6 +150,14 @@ mod tests {
         assert_eq!(ce["traceparent"], "00-abc-def-01");
         assert_eq!(ce["data"]["total"], 12);
         assert!(ce.get("tracestate").is_none());
+        assert_eq!(
+            BodyFormat::CloudeventsBinary.render(&event),
+            r#"{"total":12}"#
+        );
+        let binary: BodyFormat = serde_json::from_str(r#""cloudevents-binary""#).unwrap();
+        assert!(binary.is_binary() && !BodyFormat::Cloudevents.is_binary());
+        assert!(BodyFormat::Payload.binary_unsupported("sqs").is_none());
+        assert!(binary.binary_unsupported("sqs").unwrap().0.contains("sqs"));
         assert_eq!(BodyFormat::Payload.render(&event), r#"{"total":12}"#);
         let envelope: serde_json::Value =
             serde_json::from_str(&BodyFormat::Envelope.render(&event)).unwrap();

@@ -50,7 +50,9 @@ pub mod routing;
 pub mod template;
 
 pub use builtin::{FilePublisher, StdoutPublisher};
-pub use envelope::{envelope_json, BodyFormat};
+pub use envelope::{
+    cloudevent_attributes, envelope_json, BodyFormat, CLOUDEVENTS_DATA_CONTENT_TYPE,
+};
 pub use memory::{Fault, MemoryPublisher};
 pub use routing::{RouteConfig, Router, Routes};
 
