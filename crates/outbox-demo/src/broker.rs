@@ -139,9 +139,9 @@ impl Source {
             }
             Broker::Nats => {
                 let destination = d.settings::<NatsDestination>()?;
-                let template = destination
-                    .template()
-                    .map_err(|e| anyhow::anyhow!("destinations.{ORDERS_DESTINATION}.subject: {e}"))?;
+                let template = destination.template().map_err(|e| {
+                    anyhow::anyhow!("destinations.{ORDERS_DESTINATION}.subject: {e}")
+                })?;
                 Source::Nats {
                     section: config
                         .section::<NatsSection>("nats")?

@@ -154,7 +154,7 @@ async fn run<I: Inlet>(
             Ok(None) => break,
             Err(e) => {
                 count(&stats.receive_errors);
-                tracing::warn!(error = format!("{e:#}"), "receiving failed; retrying");
+                tracing::warn!(error = %format!("{e:#}"), "receiving failed; retrying");
                 if pause(&mut stop, Duration::from_secs(1)).await {
                     break;
                 }
@@ -168,7 +168,7 @@ async fn run<I: Inlet>(
                 count(&stats.failed);
                 tracing::error!(%reason, "not an outbox event: acknowledged and skipped");
                 if let Err(e) = inlet.ack(token).await {
-                    tracing::warn!(error = format!("{e:#}"), "acknowledging failed");
+                    tracing::warn!(error = %format!("{e:#}"), "acknowledging failed");
                 }
                 continue;
             }
@@ -207,7 +207,7 @@ async fn run<I: Inlet>(
                         count(&stats.delete_failures);
                         tracing::warn!(
                             event_id = %delivery.event_id,
-                            error = format!("{e:#}"),
+                            error = %format!("{e:#}"),
                             "acknowledging failed: the broker will redeliver the event, the inbox will skip it"
                         );
                     }
@@ -403,8 +403,8 @@ impl Inlet for NatsInlet {
             if let Some(pull) = &mut self.pull {
                 match pull.next().await {
                     Some(message) => {
-                        let message = message
-                            .map_err(|e| anyhow::anyhow!("pulling from JetStream: {e}"))?;
+                        let message =
+                            message.map_err(|e| anyhow::anyhow!("pulling from JetStream: {e}"))?;
                         let (sequence, delivered) = message
                             .info()
                             .map(|i| (i.stream_sequence, i.delivered))
@@ -502,7 +502,9 @@ impl RabbitInlet {
         .await
         .map_err(bounded(format!("consuming {queue}")))?
         .with_context(|| {
-            format!("consuming the RabbitMQ queue {queue} (run `outbox-demo bootstrap` to declare it)")
+            format!(
+                "consuming the RabbitMQ queue {queue} (run `outbox-demo bootstrap` to declare it)"
+            )
         })?;
         Ok(Self {
             _connection: connection,
@@ -608,8 +610,14 @@ mod tests {
             (HEADER_EVENT_ID.to_owned(), id.to_string()),
             (HEADER_EVENT_TYPE.to_owned(), "OrderPlaced".to_owned()),
         ]);
-        let d = delivery(headers, br#"{"order_id":"o","version":1}"#, "m".into(), None, 1)
-            .unwrap();
+        let d = delivery(
+            headers,
+            br#"{"order_id":"o","version":1}"#,
+            "m".into(),
+            None,
+            1,
+        )
+        .unwrap();
         assert_eq!(
             (d.event_id, d.event_type.as_deref()),
             (id, Some("OrderPlaced"))

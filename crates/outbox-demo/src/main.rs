@@ -178,8 +178,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(source) = Source::of(&config)? {
                 let pool = shipping_pool(&database_url, 4).await?;
                 let what = source.describe();
-                let service = shipping::start_broker(source, pool, Duration::from_secs(wait), true)
-                    .await?;
+                let service =
+                    shipping::start_broker(source, pool, Duration::from_secs(wait), true).await?;
                 eprintln!("shipping consumer reading {what} (inbox idempotency)");
                 let report = service.run_until(shutdown_signal()).await?;
                 eprintln!(

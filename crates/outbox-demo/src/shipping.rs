@@ -149,11 +149,7 @@ impl Shipping {
     /// [`PgInbox::first_time`] for its event id and, only the first time, the change. The caller
     /// acknowledges the message to its broker afterwards: a crash in between redelivers it, and
     /// the inbox recognises it ([`Handled::Duplicate`]). An error rolls both back.
-    pub async fn apply_once(
-        &self,
-        inbox: &PgInbox,
-        d: &Delivery,
-    ) -> Result<Handled, HandlerError> {
+    pub async fn apply_once(&self, inbox: &PgInbox, d: &Delivery) -> Result<Handled, HandlerError> {
         let mut tx = self.pool.begin().await?;
         if !inbox.first_time(&mut tx, d.event_id).await? {
             tx.rollback().await?;
@@ -238,11 +234,15 @@ pub async fn start(
     let task = match idempotency {
         Idempotency::Inbox => {
             let handler = PgInbox::new(pool, CONSUMER).handler(shipping);
-            tokio::spawn(async move { Ok(consumer.run(handler, shutdown).await?) })
+            tokio::spawn(
+                async move { Ok::<_, anyhow::Error>(consumer.run(handler, shutdown).await?) },
+            )
         }
         Idempotency::DynamoDb(options) => {
             let handler = DynamoIdempotency::new(clients.dynamodb.clone(), options, shipping);
-            tokio::spawn(async move { Ok(consumer.run(handler, shutdown).await?) })
+            tokio::spawn(
+                async move { Ok::<_, anyhow::Error>(consumer.run(handler, shutdown).await?) },
+            )
         }
     };
     Ok(ShippingService { stats, stop, task })

@@ -908,7 +908,7 @@ async fn events_redelivered_by_nats_jetstream_are_applied_once() {
     else {
         panic!("not NATS")
     };
-    let client = async_nats::connect(&section.url).await.unwrap();
+    let client = async_nats::connect(section.url.as_str()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     js.get_stream(&stream)
         .await
@@ -922,7 +922,11 @@ async fn events_redelivered_by_nats_jetstream_are_applied_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let report = again.stop().await.unwrap();
-    assert_eq!((report.processed, report.duplicates), (0, expected), "{report:?}");
+    assert_eq!(
+        (report.processed, report.duplicates),
+        (0, expected),
+        "{report:?}"
+    );
     let summary = world.settle(sent).await;
     assert_ok(&summary, expected as i64);
     service.stop().await.unwrap();
