@@ -482,7 +482,9 @@ impl RabbitInlet {
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.reason()))?;
         let bounded = |what: String| {
-            move |_| anyhow::anyhow!("RabbitMQ did not answer within {TIMEOUT:?}: {what}")
+            move |_: tokio::time::error::Elapsed| {
+                anyhow::anyhow!("RabbitMQ did not answer within {TIMEOUT:?}: {what}")
+            }
         };
         tokio::time::timeout(
             TIMEOUT,
