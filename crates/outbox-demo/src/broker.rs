@@ -272,11 +272,10 @@ pub async fn bootstrap(config: &Config) -> anyhow::Result<Vec<String>> {
             exchange,
             queue,
         } => {
-            let connection = outbox_amqp::Connection::new(section);
-            let channel = connection
-                .channel()
+            let connection = amqp_connect(&section).await?;
+            let channel = bounded(connection.create_channel())
                 .await
-                .map_err(|e| anyhow::anyhow!("{}", e.reason()))?;
+                .context("opening a RabbitMQ channel")?;
             // Declaring is idempotent: an existing exchange or queue with the same settings is
             // left as it is (different settings are an error, which names them).
             bounded(channel.exchange_declare(
@@ -310,6 +309,7 @@ pub async fn bootstrap(config: &Config) -> anyhow::Result<Vec<String>> {
             .await
             .with_context(|| format!("binding the RabbitMQ queue {queue} to {exchange}"))?;
             let _ = channel.close(200, "declared").await;
+            let _ = connection.close(200, "declared").await;
             done.push(format!(
                 "declared rabbitmq exchange {exchange} (topic, durable), queue {queue} (durable, \
                  {} messages ready) bound to it with #",
@@ -326,6 +326,24 @@ fn reported(created: Vec<String>, existing: Vec<String>) -> Vec<String> {
         .map(|r| format!("created  {r}"))
         .chain(existing.into_iter().map(|r| format!("exists   {r}")))
         .collect()
+}
+
+/// A connection to the RabbitMQ broker of `section`, on this tokio runtime. Close it
+/// (`Connection::close`) before the runtime ends, or lapin logs the lost connection as an error.
+pub async fn amqp_connect(section: &RabbitSection) -> anyhow::Result<lapin::Connection> {
+    let properties = lapin::ConnectionProperties::default()
+        .with_connection_name("outbox-demo".into())
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio::current());
+    bounded(lapin::Connection::connect(&section.url, properties))
+        .await
+        // lapin's errors name the I/O or protocol failure, never the URL's password.
+        .with_context(|| {
+            format!(
+                "connecting to RabbitMQ at {}: is rabbitmq-server running?",
+                outbox::config::redact_url(&section.url)
+            )
+        })
 }
 
 async fn bounded<T>(

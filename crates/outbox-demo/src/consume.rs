@@ -468,19 +468,18 @@ impl Inlet for NatsInlet {
 /// RabbitMQ: `basic.consume` on shipping's queue with manual acks and a prefetch of
 /// [`PREFETCH`]; one queue keeps every order's events in order.
 struct RabbitInlet {
-    // Kept for the channel's connection.
-    _connection: outbox_amqp::Connection,
+    connection: lapin::Connection,
     channel: lapin::Channel,
     consumer: lapin::Consumer,
 }
 
 impl RabbitInlet {
     async fn new(section: outbox_amqp::RabbitSection, queue: &str) -> anyhow::Result<Self> {
-        let connection = outbox_amqp::Connection::new(section);
-        let channel = connection
-            .channel()
+        let connection = crate::broker::amqp_connect(&section).await?;
+        let channel = tokio::time::timeout(TIMEOUT, connection.create_channel())
             .await
-            .map_err(|e| anyhow::anyhow!("{}", e.reason()))?;
+            .map_err(|_| anyhow::anyhow!("RabbitMQ did not open a channel within {TIMEOUT:?}"))?
+            .context("opening a RabbitMQ channel")?;
         let bounded = |what: String| {
             move |_: tokio::time::error::Elapsed| {
                 anyhow::anyhow!("RabbitMQ did not answer within {TIMEOUT:?}: {what}")
@@ -509,7 +508,7 @@ impl RabbitInlet {
             )
         })?;
         Ok(Self {
-            _connection: connection,
+            connection,
             channel,
             consumer,
         })
@@ -582,6 +581,7 @@ impl Inlet for RabbitInlet {
     async fn close(self) {
         // Unacknowledged deliveries return to the queue, in their places.
         let _ = tokio::time::timeout(TIMEOUT, self.channel.close(200, "shipping stopped")).await;
+        let _ = tokio::time::timeout(TIMEOUT, self.connection.close(200, "shipping stopped")).await;
     }
 }
 
