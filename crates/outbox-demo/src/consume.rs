@@ -579,9 +579,16 @@ impl Inlet for RabbitInlet {
     }
 
     async fn close(self) {
-        // Unacknowledged deliveries return to the queue, in their places.
-        let _ = tokio::time::timeout(TIMEOUT, self.channel.close(200, "shipping stopped")).await;
-        let _ = tokio::time::timeout(TIMEOUT, self.connection.close(200, "shipping stopped")).await;
+        let RabbitInlet {
+            connection,
+            channel,
+            consumer,
+        } = self;
+        // Cancels the subscription; unacknowledged deliveries return to the queue, in their
+        // places, when the channel closes.
+        drop(consumer);
+        let _ = tokio::time::timeout(TIMEOUT, channel.close(200, "shipping stopped")).await;
+        let _ = tokio::time::timeout(TIMEOUT, connection.close(200, "shipping stopped")).await;
     }
 }
 
