@@ -180,7 +180,8 @@ esac
 
 # The whole workspace's feature set (as `cargo build --workspace` and `cargo test --workspace`
 # resolve it), so that the two binaries reuse what those builds compiled; `-p outbox-cli -p
-# outbox-demo` would resolve a smaller set and compile the AWS SDK and more a second time.
+# outbox-demo` resolves a smaller set (num-traits and byteorder without their default features)
+# and compiles chrono, sqlx and every workspace crate a second time.
 say "building (cargo build --workspace --bin outbox --bin outbox-demo)"
 cargo build --quiet --workspace --bin outbox --bin outbox-demo
 
