@@ -932,3 +932,76 @@ async fn events_redelivered_by_nats_jetstream_are_applied_once() {
     service.stop().await.unwrap();
     world.finish().await;
 }
+
+/// Every broker's publisher carries the event under the same header names, which shipping reads.
+#[test]
+fn every_broker_carries_the_event_under_the_same_header_names() {
+    use outbox_kafka::publisher as kafka;
+    for (nats, amqp, ours) in [
+        (
+            outbox_nats::publisher::HEADER_EVENT_ID,
+            outbox_amqp::publisher::HEADER_EVENT_ID,
+            kafka::HEADER_EVENT_ID,
+        ),
+        (
+            outbox_nats::publisher::HEADER_EVENT_TYPE,
+            outbox_amqp::publisher::HEADER_EVENT_TYPE,
+            kafka::HEADER_EVENT_TYPE,
+        ),
+        (
+            outbox_nats::publisher::HEADER_AGGREGATE_TYPE,
+            outbox_amqp::publisher::HEADER_AGGREGATE_TYPE,
+            kafka::HEADER_AGGREGATE_TYPE,
+        ),
+        (
+            outbox_nats::publisher::HEADER_AGGREGATE_ID,
+            outbox_amqp::publisher::HEADER_AGGREGATE_ID,
+            kafka::HEADER_AGGREGATE_ID,
+        ),
+    ] {
+        assert_eq!((nats, amqp), (ours, ours));
+    }
+}
+
+/// A message becomes a delivery from its headers and body; one without a (UUID) event id is not
+/// an outbox event, and says why.
+#[test]
+fn a_message_without_an_event_id_is_not_an_outbox_event() {
+    use outbox_demo::consume::delivery;
+    use outbox_kafka::publisher::{HEADER_EVENT_ID, HEADER_EVENT_TYPE};
+    use std::collections::HashMap;
+    let id = uuid::Uuid::now_v7();
+    let headers = HashMap::from([
+        (HEADER_EVENT_ID.to_owned(), id.to_string()),
+        (HEADER_EVENT_TYPE.to_owned(), "OrderPlaced".to_owned()),
+    ]);
+    let d = delivery(
+        headers,
+        br#"{"order_id":"o","version":1}"#,
+        "m".into(),
+        None,
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        (d.event_id, d.event_type.as_deref()),
+        (id, Some("OrderPlaced"))
+    );
+    let missing = delivery(HashMap::new(), b"{}", "m".into(), None, 1).unwrap_err();
+    assert!(missing.contains(HEADER_EVENT_ID), "{missing}");
+    let bad = HashMap::from([(HEADER_EVENT_ID.to_owned(), "nope".to_owned())]);
+    assert!(delivery(bad, b"{}", "m".into(), None, 1).is_err());
+}
+
+/// `--broker` names: the kinds of the demo's configurations.
+#[test]
+fn each_broker_has_its_configuration_and_kind() {
+    for broker in Broker::ALL {
+        let config = demo_config(broker);
+        assert_eq!(Broker::of(&config).unwrap(), broker);
+        assert_eq!(
+            broker::Source::of(&config).unwrap().is_none(),
+            broker == Broker::Sqs
+        );
+    }
+}
