@@ -196,7 +196,7 @@ impl ShippingService {
     /// Stops receiving, lets in-flight events finish, flushes deletes (acknowledges them).
     pub async fn stop(self) -> anyhow::Result<ConsumerReport> {
         let _ = self.stop.send(true);
-        Ok(self.task.await??)
+        self.task.await?
     }
 
     /// Stops at once, as a crash would: in-flight handlers are dropped (their transactions roll
