@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The main job: the whole outbox story on this machine, end to end.
 #
-#   scripts/demo.sh                      # orders service with the relay embedded
+#   scripts/demo.sh                      # orders service with the relay embedded, over SQS
 #   scripts/demo.sh --standalone-relay   # same, with the relay extracted to `outbox relay`
 #   scripts/demo.sh --orders 20          # a longer stream (default 12)
+#   scripts/demo.sh --broker kafka       # the same story over kafka, nats or rabbitmq (default sqs)
 #
-# Installs and starts what is missing (PostgreSQL, the AWS emulator), builds, creates the local AWS
-# resources (`outbox aws bootstrap`: queue, dead-letter queue + redrive policy, DynamoDB table),
-# migrates, starts the orders service and the shipping consumer, drives a stream of orders through
-# them over HTTP and prints a summary. Idempotent: run it again any time, also right after a run.
+# Installs and starts what is missing (PostgreSQL; the AWS emulator, or the Kafka-protocol broker;
+# NATS and RabbitMQ are started when installed), builds, creates the broker's local resources
+# (sqs: `outbox aws bootstrap`: queue, dead-letter queue + redrive policy, DynamoDB table; the
+# others: `outbox-demo bootstrap`: topic, stream, or exchange + queue), migrates, starts the
+# orders service and the shipping consumer, drives a stream of orders through them over HTTP and
+# prints a summary. Idempotent: run it again any time, also right after a run.
 # Background processes it started are stopped on exit (and, should a run have been killed before
 # it could, at the start of the next one); their logs stay in .run/demo-*.log. Walkthrough:
 # docs/DEMO.md.
@@ -18,19 +21,33 @@ cd "$ROOT"
 
 MODE=embedded
 ORDERS=12
+BROKER=sqs
+BROKERS="sqs kafka nats rabbitmq"
 while [ $# -gt 0 ]; do
     case "$1" in
         --standalone-relay) MODE=standalone ;;
         --orders) shift; ORDERS="${1:?--orders needs a number}" ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-        *) die "unknown argument $1 (use --standalone-relay, --orders N)" ;;
+        --broker) [ $# -ge 2 ] || die "--broker needs one of: ${BROKERS// /, }"; shift; BROKER="$1" ;;
+        --broker=*) BROKER="${1#--broker=}" ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        *) die "unknown argument $1 (use --standalone-relay, --orders N, --broker ${BROKERS// /|})" ;;
     esac
     shift
 done
+case " $BROKERS " in
+    *" $BROKER "*) ;;
+    *) die "unknown broker '$BROKER': use --broker with one of ${BROKERS// /, } (default sqs)" ;;
+esac
+[[ "$ORDERS" =~ ^[0-9]+$ ]] || die "--orders needs a number, got '$ORDERS'"
 
 ADMIN_URL="${ADMIN_DATABASE_URL:-${OUTBOX_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}}"
 BASE_URL="${ADMIN_URL%/*}"
-export OUTBOX_CONFIG="$ROOT/crates/outbox-demo/outbox.toml"
+# One configuration per broker: the same story, the `orders` destination of its kind.
+if [ "$BROKER" = sqs ]; then
+    export OUTBOX_CONFIG="$ROOT/crates/outbox-demo/outbox.toml"
+else
+    export OUTBOX_CONFIG="$ROOT/crates/outbox-demo/outbox.$BROKER.toml"
+fi
 export OUTBOX_PROFILE=local
 export DATABASE_URL="$BASE_URL/outbox_demo"
 export SHIPPING_DATABASE_URL="$BASE_URL/outbox_demo_shipping"
@@ -38,8 +55,8 @@ export OUTBOX_LOG="${OUTBOX_LOG:-warn}"
 RUN_DIR="$ROOT/.run"
 mkdir -p "$RUN_DIR"
 BIN="$CARGO_TARGET_DIR/debug"
-# The shipping consumer's long-poll wait (seconds). A stop lets a poll in progress answer (and
-# handles what it returns), so stopping takes up to this long.
+# The shipping consumer's long-poll wait (seconds; SQS's receive, a JetStream pull). A stop lets a
+# poll in progress answer (and handles what it returns), so stopping takes up to this long.
 SHIPPING_WAIT=2
 # How long the processes get to stop after SIGTERM before SIGKILL.
 STOP_SECONDS=$((SHIPPING_WAIT + 13))
@@ -143,23 +160,43 @@ if [ -z "$PORT" ]; then
     [ -n "$PORT" ] || die "no free port in 18080-18099: set DEMO_PORT"
 fi
 
-say "checking prerequisites (PostgreSQL, AWS emulator)"
+case "$BROKER" in
+    sqs) BROKER_NAME="the AWS emulator" ;;
+    kafka) BROKER_NAME="the Kafka-protocol broker" ;;
+    nats) BROKER_NAME="NATS JetStream" ;;
+    rabbitmq) BROKER_NAME="RabbitMQ" ;;
+esac
+say "checking prerequisites (PostgreSQL, $BROKER_NAME)"
 require_rust
 ensure_postgres
 ensure_database outbox_demo
 ensure_database outbox_demo_shipping
-ensure_emulator
+case "$BROKER" in
+    sqs) ensure_emulator ;;
+    kafka) ensure_kafka ;;
+    nats) ensure_nats ;;
+    rabbitmq) ensure_rabbitmq ;;
+esac
 
-say "building (cargo build -p outbox-cli -p outbox-demo)"
-cargo build --quiet -p outbox-cli -p outbox-demo
+# The whole workspace's feature set (as `cargo build --workspace` and `cargo test --workspace`
+# resolve it), so that the two binaries reuse what those builds compiled; `-p outbox-cli -p
+# outbox-demo` resolves a smaller set (num-traits and byteorder without their default features)
+# and compiles chrono, sqlx and every workspace crate a second time.
+say "building (cargo build --workspace --bin outbox --bin outbox-demo)"
+cargo build --quiet --workspace --bin outbox --bin outbox-demo
 
-say "creating the local AWS resources (outbox aws bootstrap)"
-"$BIN/outbox" aws bootstrap
+if [ "$BROKER" = sqs ]; then
+    say "creating the local AWS resources (outbox aws bootstrap)"
+    "$BIN/outbox" aws bootstrap
+else
+    say "creating the local $BROKER resources (outbox-demo bootstrap)"
+    "$BIN/outbox-demo" bootstrap
+fi
 say "migrating the outbox schema (outbox migrate)"
 "$BIN/outbox" migrate
 
-say "starting the shipping consumer (inbox idempotency)"
-"$BIN/outbox-demo" shipping --wait "$SHIPPING_WAIT" 2>"$RUN_DIR/demo-shipping.log" &
+say "starting the shipping consumer on $BROKER (inbox idempotency)"
+"$BIN/outbox-demo" shipping --broker "$BROKER" --wait "$SHIPPING_WAIT" 2>"$RUN_DIR/demo-shipping.log" &
 started $!
 
 if [ "$MODE" = standalone ]; then
@@ -196,8 +233,8 @@ done
 say "stopping the services (each finishes its in-flight work)"
 cleanup
 if [ "$rc" -eq 0 ]; then
-    say "demo finished: OK (mode: $MODE relay; logs in .run/demo-*.log; walkthrough: docs/DEMO.md)"
+    say "demo finished: OK (broker: $BROKER; mode: $MODE relay; logs in .run/demo-*.log; walkthrough: docs/DEMO.md)"
 else
-    say "demo finished: FAILED (exit $rc); logs in .run/demo-*.log"
+    say "demo finished: FAILED (broker: $BROKER; exit $rc); logs in .run/demo-*.log"
 fi
 exit "$rc"

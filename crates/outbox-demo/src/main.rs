@@ -3,9 +3,12 @@
 //! - `outbox-demo orders`: the orders service, relay embedded (unless `relay.enabled = false`).
 //! - `outbox-demo shipping`: the shipping consumer, one line per applied event.
 //! - `outbox-demo drive`: a stream of orders over HTTP, then the summary (exit 1 if not all OK).
+//! - `outbox-demo bootstrap`: creates the configured broker's topic / stream / exchange and queue
+//!   (or, for SQS, what `outbox aws bootstrap` creates); local profile and tests.
 //!
-//! Configuration: the demo's `outbox.toml` (or `--config` / `OUTBOX_CONFIG`), profile from
-//! `OUTBOX_PROFILE`. Logs go to standard error (`OUTBOX_LOG` / `RUST_LOG`, default `warn`;
+//! Configuration: the demo's `outbox.toml` (or `--config` / `OUTBOX_CONFIG`; the other brokers'
+//! are `outbox.kafka.toml`, `outbox.nats.toml`, `outbox.rabbitmq.toml`), profile from
+//! `OUTBOX_PROFILE`. The broker is the kind of the `orders` destination. Logs go to standard error (`OUTBOX_LOG` / `RUST_LOG`, default `warn`;
 //! `OUTBOX_LOG_FORMAT=json`), set up by `outbox::logging` as in the CLI.
 
 use std::net::SocketAddr;
@@ -16,12 +19,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use outbox_consumer::{ConsumerOptions, DynamoOptions};
+use outbox_demo::broker::{self, Broker, Source};
 use outbox_demo::{driver, orders, settings, shipping};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "outbox-demo",
-    about = "The outbox end-to-end demo: orders -> relay -> SQS -> shipping"
+    about = "The outbox end-to-end demo: orders -> relay -> SQS, Kafka, NATS or RabbitMQ -> shipping"
 )]
 struct Cli {
     /// Configuration file [default: OUTBOX_CONFIG, ./outbox.toml, or the demo's outbox.toml]
@@ -38,25 +42,34 @@ enum Command {
         #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Create what the configured broker needs (topic, stream, exchange + queue; AWS resources).
+    Bootstrap,
     /// Consume order events into shipping's database.
     Shipping {
+        /// The broker to read: must be the kind of destinations.orders in the configuration
+        /// [default: that kind].
+        #[arg(long, value_enum)]
+        broker: Option<Broker>,
         #[arg(
             long,
             env = "SHIPPING_DATABASE_URL",
             default_value = "postgres://postgres@127.0.0.1:5432/outbox_demo_shipping"
         )]
         database_url: String,
+        /// SQS only: the inbox, or a DynamoDB table (the other brokers use the inbox).
         #[arg(long, value_enum, default_value_t = Store::Inbox)]
         idempotency: Store,
         /// DynamoDB table for `--idempotency dynamodb`.
         #[arg(long, default_value = "demo-shipping-idempotency")]
         dynamodb_table: String,
+        /// SQS only.
         #[arg(long, default_value_t = 10)]
         max_in_flight: usize,
-        /// Seconds.
+        /// SQS only, seconds.
         #[arg(long, default_value_t = 30)]
         visibility_timeout: u64,
-        /// Long-poll wait in seconds (0 to 20).
+        /// Long-poll wait in seconds (0 to 20): SQS's receive, a JetStream pull. A stop lets a
+        /// poll in progress answer.
         #[arg(long, default_value_t = 10)]
         wait: u64,
     },
@@ -136,7 +149,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        Command::Bootstrap => {
+            let broker = Broker::of(&config)?;
+            for line in broker::bootstrap(&config).await? {
+                println!("{line}");
+            }
+            eprintln!("{broker} resources ready (profile {})", config.profile);
+        }
         Command::Shipping {
+            broker,
             database_url,
             idempotency,
             dynamodb_table,
@@ -144,21 +165,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             visibility_timeout,
             wait,
         } => {
+            let configured = Broker::of(&config)?;
+            if let Some(broker) = broker {
+                anyhow::ensure!(
+                    broker == configured,
+                    "shipping --broker {broker}, but destinations.{} of the configuration is of kind \
+                     {configured}: use the broker's configuration (OUTBOX_CONFIG=crates/outbox-demo/outbox.{broker}.toml; \
+                     outbox.toml for sqs)",
+                    settings::ORDERS_DESTINATION
+                );
+            }
+            if let Some(source) = Source::of(&config)? {
+                let pool = shipping_pool(&database_url, 4).await?;
+                let what = source.describe();
+                let service =
+                    shipping::start_broker(source, pool, Duration::from_secs(wait), true).await?;
+                eprintln!("shipping consumer reading {what} (inbox idempotency)");
+                let report = service.run_until(shutdown_signal()).await?;
+                eprintln!(
+                    "shipping stopped: {} received, {} applied, {} duplicates skipped, {} failed",
+                    report.received, report.processed, report.duplicates, report.failed
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let aws = outbox_aws::AwsSettings::from_config(&config)?;
             let clients = outbox_aws::AwsClients::new(&aws).await?;
             let queue = settings::orders_queue(&config)?;
             let url = outbox_consumer::Consumer::queue_url(&clients.sqs, &queue).await?;
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(max_in_flight as u32 + 2)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect(&database_url)
-                .await
-                .with_context(|| {
-                    format!(
-                        "connecting to shipping's database {}",
-                        outbox::config::redact_url(&database_url)
-                    )
-                })?;
+            let pool = shipping_pool(&database_url, max_in_flight as u32 + 2).await?;
             let mut options = ConsumerOptions::new(url);
             options.max_in_flight = max_in_flight;
             options.visibility_timeout = Duration::from_secs(visibility_timeout);
@@ -222,6 +256,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn shipping_pool(url: &str, connections: u32) -> anyhow::Result<sqlx::PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to shipping's database {}",
+                outbox::config::redact_url(url)
+            )
+        })
 }
 
 /// Completes on SIGINT or SIGTERM.

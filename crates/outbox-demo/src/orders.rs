@@ -404,7 +404,16 @@ impl Service {
     }
 }
 
-/// The configured publisher, with the kinds the demo links (built-in and AWS).
+/// The publisher kinds the demo links: the built-in ones, AWS, Kafka, NATS and RabbitMQ.
+pub fn registry() -> outbox::Registry {
+    outbox::Registry::new()
+        .with(outbox_aws::Aws)
+        .with(outbox_kafka::Kafka)
+        .with(outbox_nats::Nats)
+        .with(outbox_amqp::RabbitMq)
+}
+
+/// The configured publisher, built with [`registry`].
 pub async fn build_publisher(config: &Config) -> anyhow::Result<Box<dyn outbox::Publisher>> {
-    Ok(outbox_aws::publisher_from_config(config).await?)
+    Ok(registry().build(config).await?)
 }

@@ -1,6 +1,10 @@
 //! The consumer: a "shipping" service with its own database. It applies order events to its
 //! `shipments` table through the inbox (the event id and the change commit together), keeps a
 //! `shipping_log` of what it applied in which order, and prints one readable line per event.
+//!
+//! It reads SQS with [`outbox_consumer::Consumer`] ([`start`]), and Kafka, NATS JetStream and
+//! RabbitMQ with each broker's own client ([`start_broker`], in [`crate::consume`]); on every
+//! broker an event is applied by the same [`Shipping`] logic, once, through the inbox.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -140,6 +144,23 @@ impl InboxHandler for Shipping {
     }
 }
 
+impl Shipping {
+    /// Applies `d` once, through the inbox, for a broker's own client: in one transaction,
+    /// [`PgInbox::first_time`] for its event id and, only the first time, the change. The caller
+    /// acknowledges the message to its broker afterwards: a crash in between redelivers it, and
+    /// the inbox recognises it ([`Handled::Duplicate`]). An error rolls both back.
+    pub async fn apply_once(&self, inbox: &PgInbox, d: &Delivery) -> Result<Handled, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        if !inbox.first_time(&mut tx, d.event_id).await? {
+            tx.rollback().await?;
+            return Ok(Handled::Duplicate);
+        }
+        self.apply_in(&mut tx, d).await?;
+        tx.commit().await?;
+        Ok(Handled::Processed)
+    }
+}
+
 /// Without the inbox (DynamoDB mode): each event in a transaction of its own.
 #[async_trait]
 impl Handler for Shipping {
@@ -164,7 +185,7 @@ pub enum Idempotency {
 pub struct ShippingService {
     stats: Arc<ConsumerStats>,
     stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<ConsumerReport, outbox_consumer::ConsumerError>>,
+    task: tokio::task::JoinHandle<anyhow::Result<ConsumerReport>>,
 }
 
 impl ShippingService {
@@ -172,14 +193,14 @@ impl ShippingService {
         self.stats.snapshot()
     }
 
-    /// Stops receiving, lets in-flight events finish, flushes deletes.
+    /// Stops receiving, lets in-flight events finish, flushes deletes (acknowledges them).
     pub async fn stop(self) -> anyhow::Result<ConsumerReport> {
         let _ = self.stop.send(true);
-        Ok(self.task.await??)
+        self.task.await?
     }
 
     /// Stops at once, as a crash would: in-flight handlers are dropped (their transactions roll
-    /// back) and nothing is deleted; SQS redelivers what was not finished.
+    /// back) and nothing is deleted; the broker redelivers what was not finished.
     pub fn kill(self) {
         self.task.abort();
     }
@@ -213,12 +234,36 @@ pub async fn start(
     let task = match idempotency {
         Idempotency::Inbox => {
             let handler = PgInbox::new(pool, CONSUMER).handler(shipping);
-            tokio::spawn(async move { consumer.run(handler, shutdown).await })
+            tokio::spawn(
+                async move { Ok::<_, anyhow::Error>(consumer.run(handler, shutdown).await?) },
+            )
         }
         Idempotency::DynamoDb(options) => {
             let handler = DynamoIdempotency::new(clients.dynamodb.clone(), options, shipping);
-            tokio::spawn(async move { consumer.run(handler, shutdown).await })
+            tokio::spawn(
+                async move { Ok::<_, anyhow::Error>(consumer.run(handler, shutdown).await?) },
+            )
         }
     };
+    Ok(ShippingService { stats, stop, task })
+}
+
+/// Starts consuming `source` (Kafka, NATS JetStream or RabbitMQ) with the broker's own client,
+/// one message at a time in arrival order, each applied through the inbox
+/// ([`Shipping::apply_once`]) and acknowledged after its transaction committed. `wait` bounds a
+/// JetStream pull (a stop lets a pull in progress answer, and handles what it returns). Fails
+/// when the broker cannot be reached or the stream/queue does not exist.
+pub async fn start_broker(
+    source: crate::broker::Source,
+    pool: PgPool,
+    wait: std::time::Duration,
+    print: bool,
+) -> anyhow::Result<ShippingService> {
+    migrate(&pool).await?;
+    let stats = Arc::new(ConsumerStats::default());
+    let shipping = Shipping::new(pool.clone(), print);
+    let inbox = PgInbox::new(pool, CONSUMER);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = crate::consume::spawn(source, wait, shipping, inbox, stats.clone(), stopped).await?;
     Ok(ShippingService { stats, stop, task })
 }

@@ -2,6 +2,12 @@
 //! axum router served in-process), the relay (embedded, the standalone `outbox relay` process, or
 //! both at once), a FIFO queue with a DLQ, and the shipping consumer with its inbox.
 //!
+//! The same story over the real Kafka-protocol broker (tansu, 127.0.0.1:19092, started by
+//! `scripts/kafka.sh start` when installed), NATS JetStream (127.0.0.1:4222) and RabbitMQ
+//! (127.0.0.1:5672): fresh topic / stream / exchange and queue per test, created by the demo's
+//! own `outbox-demo bootstrap` code, and shipping consuming with each broker's own client.
+//! `OUTBOX_TEST_KAFKA`, `NATS_URL`, `AMQP_URL` override the loopback addresses.
+//!
 //! Every run asserts the demo's own summary: every event published, consumed exactly once (inbox,
 //! `shipping_log` rows = distinct event ids), in per-order sequence (versions 1, 2, 3 in the order
 //! applied), nothing pending or dead.
@@ -18,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use outbox_consumer::ConsumerOptions;
+use outbox_demo::broker::{self, Broker};
 use outbox_demo::driver::{self, Api, Summary};
 use outbox_demo::{orders, shipping};
 use outbox_testkit::TestDb;
@@ -33,37 +40,169 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-/// The demo's own configuration (crates/outbox-demo/outbox.toml), for the settings the tests
-/// must share with it.
-fn demo_config() -> outbox::Config {
-    outbox::Config::load(&outbox::ConfigSource {
-        file: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/outbox.toml").into()),
+/// The demo's own configuration for `broker` (crates/outbox-demo/outbox.toml, or
+/// outbox.<broker>.toml), for the settings the tests must share with it.
+fn demo_config(broker: Broker) -> outbox::Config {
+    let file = match broker {
+        Broker::Sqs => "outbox.toml".to_owned(),
+        other => format!("outbox.{other}.toml"),
+    };
+    let config = outbox::Config::load(&outbox::ConfigSource {
+        file: Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file)),
         profile: Some("local".into()),
         use_env: false,
         ..Default::default()
     })
-    .unwrap()
+    .unwrap();
+    assert_eq!(Broker::of(&config).unwrap(), broker);
+    config
 }
 
-/// One test's world: the orders database (outbox migrated), shipping's database, a fresh FIFO
-/// queue with its DLQ, and the configuration file both the in-process service and the `outbox`
-/// process read (with the demo's event limits).
+fn kafka_brokers() -> String {
+    let brokers =
+        std::env::var("OUTBOX_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".to_owned());
+    assert!(
+        brokers.starts_with("127.0.0.1:") || brokers.starts_with("localhost:"),
+        "OUTBOX_TEST_KAFKA must be a loopback host:port, got {brokers}"
+    );
+    brokers
+}
+
+fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+async fn answers(address: &str) -> bool {
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(address.to_owned()),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
+}
+
+/// Fails, saying what to start, when the broker does not answer; starts the Kafka-protocol broker
+/// with `scripts/kafka.sh start` first when tansu is installed.
+async fn require(broker: Broker) {
+    let (address, hint) = match broker {
+        Broker::Sqs => return,
+        Broker::Kafka => (
+            kafka_brokers(),
+            "run `scripts/kafka.sh start` (it installs tansu once, ~7 min) or scripts/test.sh",
+        ),
+        Broker::Nats => (
+            nats_url().trim_start_matches("nats://").to_owned(),
+            "start `nats-server -a 127.0.0.1 -p 4222 -js` (Debian: apt-get install nats-server)",
+        ),
+        Broker::Rabbitmq => (
+            amqp_url()
+                .rsplit('@')
+                .next()
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default()
+                .to_owned(),
+            "start `rabbitmq-server -detached` (Debian: apt-get install rabbitmq-server)",
+        ),
+    };
+    if answers(&address).await {
+        return;
+    }
+    if broker == Broker::Kafka {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka.sh");
+        let _ = std::process::Command::new("bash")
+            .arg(script)
+            .arg("start")
+            // Installing tansu takes minutes: that is scripts/test.sh's job, not a test's.
+            .env("KAFKA_INSTALL", "0")
+            .status();
+        if answers(&address).await {
+            return;
+        }
+    }
+    panic!("{broker} does not answer at {address}: {hint}");
+}
+
+/// One test's world: the orders database (outbox migrated), shipping's database, the broker's
+/// fresh resources (a FIFO queue with its DLQ; a topic; a stream; an exchange and queue), and the
+/// configuration file both the in-process service and the `outbox` process read (with the demo's
+/// event limits for that broker).
 struct World {
+    broker: Broker,
     orders_db: TestDb,
     shipping_db: TestDb,
     config: outbox::Config,
     config_path: PathBuf,
-    clients: outbox_aws::AwsClients,
-    queue_url: String,
+    /// SQS only.
+    sqs: Option<(outbox_aws::AwsClients, String)>,
 }
 
 impl World {
     async fn new(embedded_relay: bool) -> Self {
+        Self::over(Broker::Sqs, embedded_relay).await
+    }
+
+    async fn over(broker: Broker, embedded_relay: bool) -> Self {
+        require(broker).await;
         let orders_db = TestDb::new().await.unwrap();
         let shipping_db = TestDb::empty().await.unwrap();
         let queue = format!("{}.fifo", unique("e2e"));
         let dlq = format!("{}.fifo", unique("e2e-dlq"));
-        let events = demo_config().events;
+        let name = unique("e2e");
+        let destination = match broker {
+            Broker::Sqs => format!(
+                r#"
+                [default.destinations.orders]
+                kind = "sqs"
+                queue = "{queue}"
+                [local.aws]
+                endpoint = "{endpoint}"
+                [[local.aws.bootstrap.redrive]]
+                queue = "{queue}"
+                dead_letter_queue = "{dlq}"
+                max_receive_count = 5
+                "#,
+                endpoint = endpoint(),
+            ),
+            Broker::Kafka => format!(
+                r#"
+                [default.kafka]
+                brokers = "{brokers}"
+                [default.destinations.orders]
+                kind = "kafka"
+                topic = "{name}"
+                "#,
+                brokers = kafka_brokers(),
+            ),
+            Broker::Nats => format!(
+                r#"
+                [default.nats]
+                url = "{url}"
+                [default.destinations.orders]
+                kind = "nats"
+                subject = "{subject}.{{event_type}}"
+                stream = "{stream}"
+                "#,
+                url = nats_url(),
+                subject = name.replace('-', "_"),
+                stream = name.to_uppercase(),
+            ),
+            Broker::Rabbitmq => format!(
+                r#"
+                [default.rabbitmq]
+                url = "{url}"
+                [default.destinations.orders]
+                kind = "rabbitmq"
+                exchange = "{name}"
+                routing_key = "{{aggregate_type}}.{{event_type}}"
+                "#,
+                url = amqp_url(),
+            ),
+        };
+        let events = demo_config(broker).events;
         let toml = format!(
             r#"
             [default]
@@ -78,21 +217,12 @@ impl World {
             poll_interval = "100ms"
             batch_size = 20
             retention = "1h"
-            [default.destinations.orders]
-            kind = "sqs"
-            queue = "{queue}"
             [[default.routes]]
             aggregate_type = "order"
             destination = "orders"
-            [local.aws]
-            endpoint = "{endpoint}"
-            [[local.aws.bootstrap.redrive]]
-            queue = "{queue}"
-            dead_letter_queue = "{dlq}"
-            max_receive_count = 5
+            {destination}
             "#,
             url = orders_db.url,
-            endpoint = endpoint(),
             max_payload_bytes = events.max_payload_bytes,
             max_field_bytes = events.max_field_bytes,
         );
@@ -110,24 +240,34 @@ impl World {
         outbox::migrate_from_config(&mut orders_db.connect().await.unwrap(), &config)
             .await
             .unwrap();
-        outbox_aws::bootstrap(&config).await.unwrap();
-        let settings = outbox_aws::AwsSettings::from_config(&config).unwrap();
-        let clients = outbox_aws::AwsClients::new(&settings).await.unwrap();
-        let queue_url = outbox_consumer::Consumer::queue_url(&clients.sqs, &queue)
+        // The demo's own bootstrap: what `outbox-demo bootstrap` creates.
+        let created = tokio::time::timeout(Duration::from_secs(30), broker::bootstrap(&config))
             .await
+            .expect("bootstrap within 30 s")
             .unwrap();
+        assert!(!created.is_empty(), "{created:?}");
+        let sqs = if broker == Broker::Sqs {
+            let settings = outbox_aws::AwsSettings::from_config(&config).unwrap();
+            let clients = outbox_aws::AwsClients::new(&settings).await.unwrap();
+            let queue_url = outbox_consumer::Consumer::queue_url(&clients.sqs, &queue)
+                .await
+                .unwrap();
+            Some((clients, queue_url))
+        } else {
+            None
+        };
         Self {
+            broker,
             orders_db,
             shipping_db,
             config,
             config_path,
-            clients,
-            queue_url,
+            sqs,
         }
     }
 
-    fn consumer_options(&self) -> ConsumerOptions {
-        let mut o = ConsumerOptions::new(&self.queue_url);
+    fn consumer_options(&self, queue_url: &str) -> ConsumerOptions {
+        let mut o = ConsumerOptions::new(queue_url);
         o.wait_time = Duration::from_secs(1);
         o.visibility_timeout = Duration::from_secs(2);
         o.extend_every = Duration::from_secs(1);
@@ -135,15 +275,24 @@ impl World {
     }
 
     async fn shipping(&self) -> shipping::ShippingService {
-        shipping::start(
-            &self.clients,
-            self.shipping_db.pool.clone(),
-            self.consumer_options(),
-            shipping::Idempotency::Inbox,
-            false,
-        )
-        .await
-        .unwrap()
+        let pool = self.shipping_db.pool.clone();
+        match &self.sqs {
+            Some((clients, queue_url)) => shipping::start(
+                clients,
+                pool,
+                self.consumer_options(queue_url),
+                shipping::Idempotency::Inbox,
+                false,
+            )
+            .await
+            .unwrap(),
+            None => {
+                let source = broker::Source::of(&self.config).unwrap().expect("not SQS");
+                shipping::start_broker(source, pool, Duration::from_secs(1), false)
+                    .await
+                    .unwrap()
+            }
+        }
     }
 
     async fn settle(&self, sent: driver::Sent) -> Summary {
@@ -461,7 +610,10 @@ async fn a_consumer_killed_mid_way_and_restarted_loses_nothing_and_applies_nothi
 /// `outbox-demo drive` sends them, the settle, then SIGTERM to both as the script's clean-up does.
 async fn demo_run(world: &World) -> Summary {
     let (shipping, _) = world
-        .demo_process(&["shipping", "--wait", "2"], "shipping consumer reading")
+        .demo_process(
+            &["shipping", "--broker", world.broker.kind(), "--wait", "2"],
+            "shipping consumer reading",
+        )
         .await;
     let (orders, line) = world
         .demo_process(
@@ -488,12 +640,17 @@ async fn demo_run(world: &World) -> Summary {
 
 #[tokio::test]
 async fn the_demo_runs_twice_back_to_back_on_the_same_queue_and_databases() {
-    let world = World::new(true).await;
+    back_to_back(Broker::Sqs).await;
+}
+
+/// Two runs of `scripts/demo.sh --broker BROKER`'s processes on one world.
+async fn back_to_back(broker: Broker) {
+    let world = World::over(broker, true).await;
     for run in 1..=2 {
         let started = Instant::now();
         let summary = demo_run(&world).await;
         eprintln!(
-            "demo run {run}: {:.1?} from start to stop, settled in {:.1}s",
+            "demo run {run} over {broker}: {:.1?} from start to stop, settled in {:.1}s",
             started.elapsed(),
             summary.settle_seconds
         );
@@ -588,4 +745,235 @@ async fn an_order_whose_event_could_never_be_delivered_is_refused_with_413_and_n
     service.stop().await.unwrap();
     consumer.stop().await.unwrap();
     world.finish().await;
+}
+
+/// The story over `broker` with everything in-process: the orders service with the relay
+/// embedded, shipping on the broker's own client: every event published once, applied once, in
+/// per-order sequence; the consumer's counts agree.
+async fn orders_flow_over(broker: Broker) {
+    let world = World::over(broker, true).await;
+    let service = orders::Service::start(&world.config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let consumer = world.shipping().await;
+    let api = Api::new(format!("http://{}", service.addr));
+    let sent = driver::send_orders(&api, ORDERS, true).await.unwrap();
+    assert_eq!(sent.events_total() as i64, EVENTS);
+    let summary = world.settle(sent).await;
+    assert_ok(&summary, EVENTS);
+    let relay = service
+        .stop()
+        .await
+        .unwrap()
+        .expect("the relay is embedded");
+    assert_eq!(relay.published, EVENTS as u64, "{relay:?}");
+    let report = tokio::time::timeout(Duration::from_secs(15), consumer.stop())
+        .await
+        .expect("shipping stops within 15 s")
+        .unwrap();
+    assert_eq!(
+        (report.processed, report.duplicates, report.failed),
+        (EVENTS as u64, 0, 0),
+        "{report:?}"
+    );
+    world.finish().await;
+}
+
+/// Shipping over `broker` killed mid-stream (no graceful stop: what it had received and not
+/// acknowledged goes back to the broker) and restarted: nothing lost, nothing applied twice (the
+/// inbox recognises what the broker redelivers), nothing left behind.
+async fn killed_consumer_over(broker: Broker) {
+    let world = World::over(broker, true).await;
+    let service = orders::Service::start(&world.config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let first = world.shipping().await;
+    let api = Api::new(format!("http://{}", service.addr));
+    let driving = tokio::spawn(async move { driver::send_orders(&api, 16, true).await });
+    let mut started = false;
+    for _ in 0..300 {
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM shipping_log")
+            .fetch_one(&world.shipping_db.pool)
+            .await
+            .unwrap();
+        if applied >= 5 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started, "the first consumer applied nothing within 15 s");
+    let at_kill = first.stats();
+    first.kill();
+    let second = world.shipping().await;
+    let sent = driving.await.unwrap().unwrap();
+    let expected = sent.events_total() as i64;
+    let summary = world.settle(sent).await;
+    let report = tokio::time::timeout(Duration::from_secs(15), second.stop())
+        .await
+        .expect("shipping stops within 15 s")
+        .unwrap();
+    eprintln!("{broker}: killed consumer at {at_kill:?}; restarted consumer: {report:?}");
+    let o = &summary.observed;
+    assert_eq!(
+        (
+            o.enqueued,
+            o.published,
+            o.consumed,
+            o.applied,
+            o.pending,
+            o.dead
+        ),
+        (expected, expected, expected, expected, 0, 0),
+        "{}",
+        summary.render()
+    );
+    let inbox = outbox_consumer::PgInbox::new(world.shipping_db.pool.clone(), shipping::CONSUMER)
+        .count()
+        .await
+        .unwrap();
+    assert_eq!(inbox, expected);
+    service.stop().await.unwrap();
+    world.finish().await;
+}
+
+#[tokio::test]
+async fn orders_flow_end_to_end_over_kafka() {
+    orders_flow_over(Broker::Kafka).await;
+}
+
+#[tokio::test]
+async fn orders_flow_end_to_end_over_nats_jetstream() {
+    orders_flow_over(Broker::Nats).await;
+}
+
+#[tokio::test]
+async fn orders_flow_end_to_end_over_rabbitmq() {
+    orders_flow_over(Broker::Rabbitmq).await;
+}
+
+#[tokio::test]
+async fn the_demo_over_kafka_runs_twice_back_to_back() {
+    back_to_back(Broker::Kafka).await;
+}
+
+#[tokio::test]
+async fn the_demo_over_nats_jetstream_runs_twice_back_to_back() {
+    back_to_back(Broker::Nats).await;
+}
+
+#[tokio::test]
+async fn the_demo_over_rabbitmq_runs_twice_back_to_back() {
+    back_to_back(Broker::Rabbitmq).await;
+}
+
+#[tokio::test]
+async fn a_kafka_consumer_killed_and_restarted_loses_nothing_and_applies_nothing_twice() {
+    killed_consumer_over(Broker::Kafka).await;
+}
+
+#[tokio::test]
+async fn a_nats_consumer_killed_and_restarted_loses_nothing_and_applies_nothing_twice() {
+    killed_consumer_over(Broker::Nats).await;
+}
+
+#[tokio::test]
+async fn a_rabbitmq_consumer_killed_and_restarted_loses_nothing_and_applies_nothing_twice() {
+    killed_consumer_over(Broker::Rabbitmq).await;
+}
+
+/// A redelivery of every event (shipping's reading position reset to the start) applies
+/// nothing: the inbox recognises each event id.
+#[tokio::test]
+async fn events_redelivered_by_nats_jetstream_are_applied_once() {
+    let world = World::over(Broker::Nats, true).await;
+    let service = orders::Service::start(&world.config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let consumer = world.shipping().await;
+    let api = Api::new(format!("http://{}", service.addr));
+    let sent = driver::send_orders(&api, 4, true).await.unwrap();
+    let expected = sent.events_total();
+    let summary = world.settle(sent.clone()).await;
+    assert_ok(&summary, expected as i64);
+    consumer.stop().await.unwrap();
+    // Delete shipping's JetStream consumer: the next start creates it again, from the stream's
+    // first message, so every event comes again.
+    let Some(broker::Source::Nats {
+        section,
+        stream,
+        consumer: name,
+        ..
+    }) = broker::Source::of(&world.config).unwrap()
+    else {
+        panic!("not NATS")
+    };
+    let client = async_nats::connect(section.url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.get_stream(&stream)
+        .await
+        .unwrap()
+        .delete_consumer(&name)
+        .await
+        .unwrap();
+    let again = world.shipping().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while again.stats().duplicates < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = again.stop().await.unwrap();
+    assert_eq!(
+        (report.processed, report.duplicates),
+        (0, expected),
+        "{report:?}"
+    );
+    let summary = world.settle(sent).await;
+    assert_ok(&summary, expected as i64);
+    service.stop().await.unwrap();
+    world.finish().await;
+}
+
+/// A message becomes a delivery from its headers and body; one without a (UUID) event id is not
+/// an outbox event, and says why.
+#[test]
+fn a_message_without_an_event_id_is_not_an_outbox_event() {
+    use outbox::publisher::headers::{
+        EVENT_ID as HEADER_EVENT_ID, EVENT_TYPE as HEADER_EVENT_TYPE,
+    };
+    use outbox_demo::consume::delivery;
+    use std::collections::HashMap;
+    let id = uuid::Uuid::now_v7();
+    let headers = HashMap::from([
+        (HEADER_EVENT_ID.to_owned(), id.to_string()),
+        (HEADER_EVENT_TYPE.to_owned(), "OrderPlaced".to_owned()),
+    ]);
+    let d = delivery(
+        headers,
+        br#"{"order_id":"o","version":1}"#,
+        "m".into(),
+        None,
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        (d.event_id, d.event_type.as_deref()),
+        (id, Some("OrderPlaced"))
+    );
+    let missing = delivery(HashMap::new(), b"{}", "m".into(), None, 1).unwrap_err();
+    assert!(missing.contains(HEADER_EVENT_ID), "{missing}");
+    let bad = HashMap::from([(HEADER_EVENT_ID.to_owned(), "nope".to_owned())]);
+    assert!(delivery(bad, b"{}", "m".into(), None, 1).is_err());
+}
+
+/// `--broker` names: the kinds of the demo's configurations.
+#[test]
+fn each_broker_has_its_configuration_and_kind() {
+    for broker in Broker::ALL {
+        let config = demo_config(broker);
+        assert_eq!(Broker::of(&config).unwrap(), broker);
+        assert_eq!(
+            broker::Source::of(&config).unwrap().is_none(),
+            broker == Broker::Sqs
+        );
+    }
 }
