@@ -2,7 +2,7 @@
 //! `rdkafka`'s `StreamConsumer` (offsets committed by hand), an `async-nats` JetStream pull
 //! consumer (explicit acks), `lapin`'s `basic_consume` (manual acks).
 //!
-//! One loop serves the three ([`run`]): take the next message, build the [`Delivery`] from its
+//! One loop serves the three (`run`): take the next message, build the [`Delivery`] from its
 //! headers (`outbox-event-id`, `outbox-event-type`, `outbox-aggregate-type`,
 //! `outbox-aggregate-id`, the names every outbox publisher uses) and body, apply it through the
 //! inbox ([`Shipping::apply_once`]), and acknowledge it only after that transaction committed. A
@@ -89,7 +89,7 @@ trait Inlet: Send + 'static {
 }
 
 /// Connects to `source` (creating shipping's Kafka consumer group membership or JetStream
-/// consumer, starting RabbitMQ deliveries) and spawns [`run`] on it.
+/// consumer, starting RabbitMQ deliveries) and spawns `run` on it.
 pub async fn spawn(
     source: Source,
     wait: Duration,
