@@ -1309,9 +1309,8 @@ async fn an_adopted_debezium_table_is_relayed_in_key_order_and_its_producers_kee
             tx.commit().await
         }
     };
-    // A relay waiting for notifications (its request is the sequence, a deadline in ms): the
-    // wake-up is queued at insert and runs at commit. Without a waiting relay nothing is queued
-    // (migration 4), so the missing grants would show only while a relay waits.
+    // A relay waiting for notifications (its request is the sequence, a deadline in ms), as in
+    // production: the wake-up runs at commit as the producer's role.
     sqlx::query(
         "SELECT setval('outbox.outbox_wakeup_wanted_ms', \
          (extract(epoch FROM clock_timestamp()) * 1000)::bigint + 600000)",
