@@ -16,6 +16,8 @@
 //! `outbox relay --admin-listen 127.0.0.1:9187` serves it ([`serve`]); an application mounts
 //! [`router`] in its own axum app, or installs its own `metrics` exporter and skips this crate.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod health;
 
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use outbox::config::{AdminConfig, AdminToken};
 use outbox::{RelayMonitor, Schema};
 use sqlx::PgPool;
@@ -157,29 +159,44 @@ pub fn prometheus() -> Result<PrometheusHandle, AdminError> {
     static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let mut builder = PrometheusBuilder::new();
-            for (name, kind, _) in outbox::metrics::ALL {
-                if *kind == outbox::metrics::Kind::Histogram {
-                    builder = builder
-                        .set_buckets_for_metric(
-                            Matcher::Full((*name).to_owned()),
-                            outbox::metrics::buckets(name),
-                        )
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+            let recorder = prometheus_recorder()?;
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
             outbox::metrics::describe();
-            let upkeep = handle.clone();
-            std::thread::Builder::new()
-                .name("outbox-metrics-upkeep".into())
-                .spawn(move || loop {
-                    std::thread::sleep(UPKEEP_INTERVAL);
-                    upkeep.run_upkeep();
-                })
-                .map_err(|e| e.to_string())?;
+            spawn_upkeep(handle.clone())?;
             Ok(handle)
         })
         .clone()
         .map_err(AdminError::Metrics)
+}
+
+/// A Prometheus recorder with the outbox's histogram buckets, not installed: for an application
+/// (or the benchmark) that wraps it in a recorder of its own before installing it. It needs
+/// [`spawn_upkeep`] as [`prometheus`] does.
+pub fn prometheus_recorder() -> Result<PrometheusRecorder, String> {
+    let mut builder = PrometheusBuilder::new();
+    for (name, kind, _) in outbox::metrics::ALL {
+        if *kind == outbox::metrics::Kind::Histogram {
+            builder = builder
+                .set_buckets_for_metric(
+                    Matcher::Full((*name).to_owned()),
+                    outbox::metrics::buckets(name),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(builder.build_recorder())
+}
+
+/// Folds the recorder's histogram samples into buckets every few seconds on a thread of its own,
+/// so that memory stays bounded when nobody scrapes.
+pub fn spawn_upkeep(handle: PrometheusHandle) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("outbox-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        })
+        .map(drop)
+        .map_err(|e| e.to_string())
 }

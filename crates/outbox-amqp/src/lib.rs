@@ -21,6 +21,8 @@
 //! - [`config`]: the typed section and destination ([`RabbitSection`], [`RabbitDestination`]).
 //! - [`publisher`]: [`RabbitPublisher`], over the core's per-key wave engine.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod publisher;
 
@@ -32,7 +34,7 @@ use outbox::registry::{BuildError, DestinationRef, PublisherFactory};
 use outbox::{Config, Publisher};
 
 pub use config::{BodyFormat, RabbitConfig, RabbitDestination, RabbitSection};
-pub use publisher::{Connection, RabbitPublisher};
+pub use publisher::{connection_properties, Connection, RabbitPublisher};
 
 /// The RabbitMQ publisher kind (`kind = "rabbitmq"`) and its `[rabbitmq]` section.
 #[derive(Debug, Default, Clone, Copy)]

@@ -84,10 +84,7 @@ impl Connection {
         let mut guard = self.connection.lock().await;
         let usable = guard.as_ref().is_some_and(|c| c.status().connected());
         if !usable {
-            let properties = ConnectionProperties::default()
-                .with_connection_name("outbox-relay".into())
-                .with_executor(tokio_executor_trait::Tokio::current())
-                .with_reactor(tokio_reactor_trait::Tokio::current());
+            let properties = connection_properties("outbox-relay");
             let connected = tokio::time::timeout(
                 timeout,
                 lapin::Connection::connect(&self.section.url, properties),
@@ -111,6 +108,16 @@ impl Connection {
         }
         channel
     }
+}
+
+/// lapin's connection properties on the current tokio runtime (lapin is built without its own
+/// executor), with `name` shown in RabbitMQ's connection list. Every lapin connection of the
+/// workspace (relay, demo, tests, benchmark) is made with these.
+pub fn connection_properties(name: &str) -> ConnectionProperties {
+    ConnectionProperties::default()
+        .with_connection_name(name.into())
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio::current())
 }
 
 /// Publishes to one `kind = "rabbitmq"` destination.

@@ -12,7 +12,7 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, ExchangeKind};
 use outbox::{Config, PublishError, Publisher, Registry};
 use outbox_amqp::{
     BodyFormat, Connection, RabbitDestination, RabbitMq, RabbitPublisher, RabbitSection,
@@ -28,9 +28,7 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// A channel of the test's own, or a failure that says what to start.
 async fn admin() -> Channel {
-    let properties = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio::current());
+    let properties = outbox_amqp::connection_properties("outbox-amqp-test");
     let connected = tokio::time::timeout(
         Duration::from_secs(5),
         lapin::Connection::connect(&url(), properties),

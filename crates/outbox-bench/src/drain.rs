@@ -20,18 +20,19 @@ pub struct DrainConfig {
     pub naive_interval: Duration,
 }
 
-struct Run {
-    events: u64,
-    elapsed: Duration,
+/// One drain's figures.
+pub struct Run {
+    pub events: u64,
+    pub elapsed: Duration,
     cpu: Duration,
     peak_rss_mib: f64,
 }
 
 impl Run {
-    fn rate(&self) -> f64 {
+    pub fn rate(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64()
     }
-    fn cpu_s_per_million(&self) -> f64 {
+    pub fn cpu_s_per_million(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / self.events.max(1) as f64
     }
 }
@@ -57,7 +58,7 @@ pub async fn run(db: &BenchDb, cfg: &DrainConfig, report: &mut Report) -> anyhow
         db.preload(cfg.events, cfg.keys).await?;
         let ours = relay_drain(db, cfg, workers).await?;
         db.preload(cfg.events, cfg.keys).await?;
-        let limit = delete_loop(db, cfg, workers).await?;
+        let limit = delete_loop(db, cfg.batch, workers).await?;
         anyhow::ensure!(
             ours.events == cfg.events as u64 && limit.events == cfg.events as u64,
             "drain lost events: relay {} / C {} of {}",
@@ -120,6 +121,19 @@ pub async fn run(db: &BenchDb, cfg: &DrainConfig, report: &mut Report) -> anyhow
 }
 
 async fn relay_drain(db: &BenchDb, cfg: &DrainConfig, workers: usize) -> anyhow::Result<Run> {
+    relay_drain_with(
+        db,
+        RelayOptions {
+            batch_size: cfg.batch,
+            workers,
+            ..RelayOptions::default()
+        },
+    )
+    .await
+}
+
+/// Drains the preloaded backlog with a null publisher and `options`.
+pub async fn relay_drain_with(db: &BenchDb, options: RelayOptions) -> anyhow::Result<Run> {
     // Wake-ups play no part in a drain (every claim is full); without them no listener is left
     // holding a connection after the run.
     let store = PgStore::new(
@@ -130,15 +144,7 @@ async fn relay_drain(db: &BenchDb, cfg: &DrainConfig, workers: usize) -> anyhow:
         },
     )
     .await?;
-    let relay = Relay::new(
-        store,
-        MemoryPublisher::counting(),
-        RelayOptions {
-            batch_size: cfg.batch,
-            workers,
-            ..RelayOptions::default()
-        },
-    );
+    let relay = Relay::new(store, MemoryPublisher::counting(), options);
     sys::reset_peak_rss();
     let cpu = sys::cpu_time();
     let start = Instant::now();
@@ -153,7 +159,7 @@ async fn relay_drain(db: &BenchDb, cfg: &DrainConfig, workers: usize) -> anyhow:
 }
 
 /// The physical limit: no ordering, no transaction beyond the statement, the same columns out.
-async fn delete_loop(db: &BenchDb, cfg: &DrainConfig, workers: usize) -> anyhow::Result<Run> {
+pub async fn delete_loop(db: &BenchDb, batch: usize, workers: usize) -> anyhow::Result<Run> {
     let sql = "DELETE FROM outbox_event WHERE seq IN (
                    SELECT seq FROM outbox_event ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)
                RETURNING seq, id, aggregate_type, aggregate_id, event_type, payload::text AS payload,
@@ -163,7 +169,7 @@ async fn delete_loop(db: &BenchDb, cfg: &DrainConfig, workers: usize) -> anyhow:
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let pool = db.pool.clone();
-        let batch = cfg.batch as i64;
+        let batch = batch as i64;
         tasks.spawn(async move {
             let mut n = 0u64;
             loop {

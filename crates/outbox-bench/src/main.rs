@@ -10,16 +10,18 @@
 //! - `drain`: backlog drain vs the bare `DELETE ... SKIP LOCKED` loop (C) and a naive poller.
 //! - `latency`: commit-to-publish latency at fixed producer rates (HdrHistogram), wake-up on/off.
 //! - `producer`: producer transaction cost: business row alone, + enqueue, + raw SQL insert.
-//! - `broker`: relay to the SQS emulator vs a plain SDK `SendMessageBatch` loop.
+//! - `brokers`: per broker (SQS, SNS, Kafka, NATS, RabbitMQ, webhook), the relay vs a plain
+//!   loop of the broker's own client sending the same messages with the same batching.
+//! - `observability`: a drain with metrics, the backlog query and info logging vs without them.
 //! - `soak`: many events with retention; table/index size, dead tuples, RSS.
 //! - `profile` (`--only profile`): claim vs settle time of one worker.
 //! - `sys`: CPU time and RSS of this process; `report`: tables and RESULT lines.
 
-mod broker;
+mod brokers;
 mod db;
 mod drain;
-mod kafka;
 mod latency;
+mod observe;
 mod producer;
 mod profile;
 mod report;
@@ -29,6 +31,8 @@ mod sys;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmarks the outbox relay against the physical limit and naive designs")]
@@ -46,7 +50,8 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// Only these scenarios (comma-separated: drain,latency,producer,broker,kafka,soak).
+    /// Only these scenarios (comma-separated: drain,latency,producer,broker,observability,soak;
+    /// and profile, which runs only when named).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Events in the drain backlog (default: 20k quick, 1M full).
@@ -64,57 +69,93 @@ struct Args {
     /// Events through the soak (full mode; default 10M).
     #[arg(long)]
     soak_events: Option<u64>,
-    /// The AWS emulator (loopback only).
+    /// Record the relay's metrics into a Prometheus recorder, as `outbox relay --admin-listen`
+    /// does (without it they go to the facade's no-op recorder): run once with and once without
+    /// to see what the metrics cost.
+    #[arg(long)]
+    metrics: bool,
+    /// Drain rounds per set-up of the `observability` scenario (default 2 quick, 5 full).
+    #[arg(long)]
+    observe_rounds: Option<usize>,
+    /// The brokers of the `broker` scenario (comma-separated: sqs,sns,kafka,nats,rabbitmq,webhook;
+    /// default all). A broker that does not answer is skipped with the command that starts it.
+    #[arg(long, value_delimiter = ',')]
+    brokers: Vec<String>,
+    /// Relay workers (and plain batches in flight) of the `broker` scenario (default 1 quick,
+    /// 1,4 full).
+    #[arg(long, value_delimiter = ',')]
+    broker_workers: Vec<usize>,
+    /// The AWS emulator (loopback only; `scripts/aws-emulator.sh start`).
     #[arg(
         long,
         env = "OUTBOX_BENCH_AWS_ENDPOINT",
         default_value = "http://127.0.0.1:4566"
     )]
     aws_endpoint: String,
-    /// Record the relay's metrics into a Prometheus recorder, as `outbox relay --admin-listen`
-    /// does (without it they go to the facade's no-op recorder): run once with and once without
-    /// to see what the metrics cost.
-    #[arg(long)]
-    metrics: bool,
     /// The Kafka-protocol broker (loopback only; `scripts/kafka.sh start`).
     #[arg(long, env = "OUTBOX_BENCH_KAFKA", default_value = "127.0.0.1:19092")]
     kafka_brokers: String,
+    /// The NATS server with JetStream (loopback only).
+    #[arg(
+        long,
+        env = "OUTBOX_BENCH_NATS",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// The RabbitMQ server (loopback only).
+    #[arg(
+        long,
+        env = "OUTBOX_BENCH_RABBITMQ",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    rabbitmq_url: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+    // The log filter can be switched while running: the `observability` scenario measures the
+    // relay with the CLI's default filter against `warn`.
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    );
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+    let set_log_filter: observe::SetLogFilter = Box::new(move |directives: &str| {
+        filter_handle
+            .reload(tracing_subscriber::EnvFilter::try_new(directives)?)
+            .map_err(anyhow::Error::from)
+    });
     let args = Args::parse();
-    let metrics = if args.metrics {
-        Some(outbox_admin::prometheus()?)
-    } else {
-        None
-    };
+    // One recorder for the whole run, on with --metrics; the `observability` scenario switches it.
+    let recorder = outbox_admin::prometheus_recorder().map_err(anyhow::Error::msg)?;
+    let metrics = recorder.handle();
+    let switch = std::sync::Arc::new(observe::Switch::new(recorder, args.metrics));
+    metrics::set_global_recorder(switch.clone())
+        .map_err(|_| anyhow::anyhow!("a metrics recorder was installed before the benchmark's"))?;
+    outbox::metrics::describe();
+    outbox_admin::spawn_upkeep(metrics.clone()).map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     let db = db::BenchDb::create(&args.database_url).await?;
     let mut report = report::Report::default();
-    let outcome = run(&args, &db, &mut report).await;
+    let outcome = run(&args, &db, &switch, &set_log_filter, &mut report).await;
     let dropped = db.drop_db().await;
     report.print_results();
     println!(
         "# mode={} total_s={:.1} metrics={}",
         if args.full { "full" } else { "quick" },
         started.elapsed().as_secs_f64(),
-        if metrics.is_some() {
+        if args.metrics {
             "prometheus"
         } else {
             "off"
         }
     );
-    if let Some(handle) = metrics {
+    if args.metrics {
         // Proof that the recorder saw the traffic: the published counter's lines.
-        for line in handle.render().lines() {
+        for line in metrics.render().lines() {
             if line.starts_with("outbox_events_published_total") {
                 println!("# {line}");
             }
@@ -125,7 +166,13 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: &Args, db: &db::BenchDb, report: &mut report::Report) -> anyhow::Result<()> {
+async fn run(
+    args: &Args,
+    db: &db::BenchDb,
+    switch: &observe::Switch,
+    set_log_filter: &observe::SetLogFilter,
+    report: &mut report::Report,
+) -> anyhow::Result<()> {
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let full = args.full;
     let server: (String, String, String, String) = sqlx::query_as(
@@ -210,36 +257,23 @@ async fn run(args: &Args, db: &db::BenchDb, report: &mut report::Report) -> anyh
         producer::run(db, &cfg, report).await?;
     }
     if wanted("broker") {
-        if broker::reachable(&args.aws_endpoint).await? {
-            let cfg = broker::BrokerConfig {
-                endpoint: args.aws_endpoint.clone(),
-                chunks: if full { 20 } else { 3 },
-                chunk: 100,
-            };
-            broker::run(db, &cfg, report).await?;
-        } else {
-            report.note(format!(
-                "\n### broker: SKIPPED, no AWS emulator answers at {} (run `bash scripts/aws-emulator.sh start`)",
-                args.aws_endpoint
-            ));
-            report.result("broker", "skipped=emulator_unreachable");
-        }
+        run_brokers(args, db, report).await?;
     }
-    if wanted("kafka") {
-        if kafka::reachable(&args.kafka_brokers).await? {
-            let cfg = kafka::KafkaConfig {
-                brokers: args.kafka_brokers.clone(),
-                chunks: if full { 20 } else { 3 },
-                chunk: 100,
-            };
-            kafka::run(db, &cfg, report).await?;
-        } else {
-            report.note(format!(
-                "\n### kafka: SKIPPED, no Kafka broker answers at {} (run `bash scripts/kafka.sh start`)",
-                args.kafka_brokers
-            ));
-            report.result("kafka", "skipped=broker_unreachable");
-        }
+    if wanted("observability") {
+        let cfg = observe::ObserveConfig {
+            events: args
+                .drain_events
+                .unwrap_or(if full { 200_000 } else { 10_000 }),
+            keys: 10_000,
+            rounds: args
+                .observe_rounds
+                .filter(|r| *r > 0)
+                .unwrap_or(if full { 5 } else { 2 }),
+        };
+        // The other scenarios run with the recorder as --metrics asked.
+        let outcome = observe::run(db, &cfg, switch, set_log_filter, report).await;
+        switch.set(args.metrics);
+        outcome?;
     }
     if full && wanted("soak") {
         let cfg = soak::SoakConfig {
@@ -249,6 +283,84 @@ async fn run(args: &Args, db: &db::BenchDb, report: &mut report::Report) -> anyh
             retention: Duration::from_secs(5),
         };
         soak::run(db, &cfg, report).await?;
+    }
+    Ok(())
+}
+
+/// The `broker` scenario: each wanted broker that answers, at each worker count.
+async fn run_brokers(
+    args: &Args,
+    db: &db::BenchDb,
+    report: &mut report::Report,
+) -> anyhow::Result<()> {
+    for name in &args.brokers {
+        anyhow::ensure!(
+            brokers::ALL.contains(&name.as_str()),
+            "--brokers: unknown broker `{name}` (known: {})",
+            brokers::ALL.join(", ")
+        );
+    }
+    let workers = if !args.broker_workers.is_empty() {
+        args.broker_workers.clone()
+    } else if args.full {
+        vec![1, 4]
+    } else {
+        vec![1]
+    };
+    anyhow::ensure!(
+        workers.iter().all(|w| (1..=64).contains(w)),
+        "--broker-workers: each count must be 1 to 64"
+    );
+    for &name in brokers::ALL {
+        if !(args.brokers.is_empty() || args.brokers.iter().any(|b| b == name)) {
+            continue;
+        }
+        // (address, default port, how to start it)
+        let (address, default_port, start) = match name {
+            "sqs" | "sns" => (
+                args.aws_endpoint.as_str(),
+                80,
+                "bash scripts/aws-emulator.sh start",
+            ),
+            "kafka" => (args.kafka_brokers.as_str(), 9092, "bash scripts/kafka.sh start"),
+            "nats" => (
+                args.nats_url.as_str(),
+                4222,
+                "bash scripts/test.sh starts it (Debian package nats-server)",
+            ),
+            "rabbitmq" => (
+                args.rabbitmq_url.as_str(),
+                5672,
+                "bash scripts/test.sh starts it (Debian package rabbitmq-server)",
+            ),
+            _ => ("127.0.0.1", 0, ""),
+        };
+        if default_port != 0 && !brokers::port_open(brokers::loopback_port(address, default_port)?).await {
+            report.note(format!(
+                "\n### broker {name}: SKIPPED, nothing answers at {address} (start it: {start})"
+            ));
+            report.result("broker", format!("destination={name} skipped=unreachable"));
+            continue;
+        }
+        // The emulator slows down as a queue grows: small chunks there.
+        let chunk = if matches!(name, "sqs" | "sns") { 100 } else { 1000 };
+        for &w in &workers {
+            let target = match name {
+                "sqs" => brokers::sqs::target(address).await?,
+                "sns" => brokers::sns::target(address).await?,
+                "kafka" => brokers::kafka::target(address).await?,
+                "nats" => brokers::nats::target(address).await?,
+                "rabbitmq" => brokers::rabbitmq::target(address).await?,
+                _ => brokers::webhook::target().await?,
+            };
+            let sizes = brokers::Sizes {
+                chunks: if args.full { 10 } else { 3 },
+                chunk: chunk * w,
+                batch: 100,
+                workers: w,
+            };
+            brokers::compare(db, target, sizes, report).await?;
+        }
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 /// User + system CPU time this process has used so far.
+#[allow(unsafe_code)]
 pub fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes into the struct we own.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };

@@ -21,10 +21,17 @@ fn quick_mode_runs_every_scenario_and_reports_results() {
         "outbox-bench --quick failed:\n{stdout}\n{stderr}"
     );
     println!("{stdout}");
-    for scenario in ["drain", "latency", "producer", "broker"] {
+    for scenario in ["drain", "latency", "producer", "observability"] {
         assert!(
             stdout.contains(&format!("RESULT {scenario} ")),
             "no RESULT line for {scenario}:\n{stdout}"
+        );
+    }
+    // scripts/test.sh starts every broker, so none may be skipped here.
+    for broker in ["sqs", "sns", "kafka", "nats", "rabbitmq", "webhook"] {
+        assert!(
+            stdout.contains(&format!("RESULT broker destination={broker} workers=")),
+            "no measured RESULT line for broker {broker}:\n{stdout}"
         );
     }
 }

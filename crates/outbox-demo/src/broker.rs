@@ -331,10 +331,7 @@ fn reported(created: Vec<String>, existing: Vec<String>) -> Vec<String> {
 /// A connection to the RabbitMQ broker of `section`, on this tokio runtime. Close it
 /// (`Connection::close`) before the runtime ends, or lapin logs the lost connection as an error.
 pub async fn amqp_connect(section: &RabbitSection) -> anyhow::Result<lapin::Connection> {
-    let properties = lapin::ConnectionProperties::default()
-        .with_connection_name("outbox-demo".into())
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio::current());
+    let properties = outbox_amqp::connection_properties("outbox-demo");
     bounded(lapin::Connection::connect(&section.url, properties))
         .await
         // lapin's errors name the I/O or protocol failure, never the URL's password.

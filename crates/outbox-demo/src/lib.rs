@@ -21,6 +21,8 @@
 //! - [`settings`]: loading the demo's `outbox.toml` (`outbox.<broker>.toml` for the other
 //!   brokers) and finding the SQS queue the consumer reads.
 
+#![forbid(unsafe_code)]
+
 pub mod broker;
 pub mod consume;
 pub mod driver;

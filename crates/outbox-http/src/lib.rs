@@ -24,6 +24,8 @@
 //! - [`publisher`]: [`WebhookPublisher`], over the core's per-key wave engine: the requests, the
 //!   signature ([`publisher::sign`]), the classification of answers, `Retry-After`.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod publisher;
 mod template;

@@ -200,6 +200,12 @@ impl WebhookPublisher {
     /// A publisher for the destination `name` (validated).
     pub fn new(name: &str, config: WebhookDestination) -> Result<Self, WebhookError> {
         let url = config.template().map_err(WebhookError::Config)?;
+        // Checked once here for a literal URL (each event's URL is checked only for a template).
+        if url.is_literal() && Url::parse(&url.fill("")).is_err() {
+            return Err(WebhookError::Config(format!(
+                "destinations.{name}.url is not a valid URL"
+            )));
+        }
         let key = config
             .secret_key()
             .map_err(|e| WebhookError::Config(format!("destinations.{name}.secret: {e}")))?
@@ -219,13 +225,9 @@ impl WebhookPublisher {
                 }
             }
         }
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("outbox-relay/", env!("CARGO_PKG_VERSION")))
+        let client = client_builder()?
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
-            // A redirected POST may become a GET without a body: a redirect is an answer to fix.
-            .redirect(reqwest::redirect::Policy::none())
-            .use_preconfigured_tls(tls_config()?)
             .build()
             .map_err(|e| WebhookError::Client(e.to_string()))?;
         Ok(Self {
@@ -308,7 +310,6 @@ impl WebhookPublisher {
         for (name, value) in &self.static_headers {
             headers.insert(name.clone(), value.clone());
         }
-        let shown = Self::redacted(url);
         let sent = self
             .client
             .post(url)
@@ -327,7 +328,8 @@ impl WebhookPublisher {
                     format!("failed ({})", error_chain(&e))
                 };
                 return Answer::Unavailable(format!(
-                    "webhook {shown} {why}: is the receiver up, and destinations.{}.url right?",
+                    "webhook {} {why}: is the receiver up, and destinations.{}.url right?",
+                    Self::redacted(url),
                     self.name
                 ));
             }
@@ -347,7 +349,12 @@ impl WebhookPublisher {
             .and_then(|v| v.to_str().ok())
             .map(Self::redacted);
         let snippet = body_snippet(response).await;
-        let answered = format!("webhook {shown} answered {}{snippet}", status_text(status));
+        // Only for answers that are not 2xx: redacting parses the URL.
+        let answered = format!(
+            "webhook {} answered {}{snippet}",
+            Self::redacted(url),
+            status_text(status)
+        );
         if status == StatusCode::REQUEST_TIMEOUT
             || status == StatusCode::TOO_MANY_REQUESTS
             || status.is_server_error()
@@ -384,6 +391,17 @@ impl WebhookPublisher {
         })?;
         Ok((format!("{}/", url.origin().ascii_serialization()), false))
     }
+}
+
+/// The publisher's HTTP client set-up, before its timeouts: its user agent, no redirects (a
+/// redirected POST may become a GET without a body: a redirect is an answer to fix), and TLS
+/// from [`tls_config`]. reqwest is built without a default crypto provider, so a program that
+/// posts to the same receivers (a test, the benchmark) starts from this.
+pub fn client_builder() -> Result<reqwest::ClientBuilder, WebhookError> {
+    Ok(reqwest::Client::builder()
+        .user_agent(concat!("outbox-relay/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .use_preconfigured_tls(tls_config()?))
 }
 
 /// TLS with certificate verification against Mozilla's roots (webpki-roots), on the `ring`
@@ -488,7 +506,8 @@ impl Sink for Wave<'_> {
     async fn prepare(&self, event: &OutboxEvent) -> Result<Prepared<WebhookEntry>, PublishError> {
         let p = self.publisher;
         let url = p.url.render(event);
-        if Url::parse(&url).is_err() {
+        // A literal URL was checked with the configuration; a template's result is checked here.
+        if !p.url.is_literal() && Url::parse(&url).is_err() {
             return Err(PublishError::permanent(format!(
                 "event {} gives the URL {:?} (destinations.{}.url), which is not a valid URL; change the template",
                 event.id,
