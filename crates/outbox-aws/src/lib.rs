@@ -16,6 +16,8 @@
 //! - [`claim_check`]: S3 offloading and the consumer helper [`resolve_payload`].
 //! - [`bootstrap`](mod@bootstrap): creates the local profile's queues, buses, rules, bucket and tables.
 
+#![forbid(unsafe_code)]
+
 pub mod bootstrap;
 pub mod claim_check;
 pub mod config;

@@ -23,6 +23,8 @@
 //! its dead-letter queue after `maxReceiveCount` receives (`outbox aws bootstrap` creates both
 //! locally from `[[aws.bootstrap.redrive]]`).
 
+#![forbid(unsafe_code)]
+
 #[cfg(feature = "aws")]
 pub mod consumer;
 pub mod delivery;

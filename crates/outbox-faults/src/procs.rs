@@ -141,6 +141,7 @@ impl Proc {
         self.child.id().map_or(-1, |p| p as i32)
     }
 
+    #[allow(unsafe_code)]
     pub fn signal(&self, sig: i32) {
         let pid = self.pid();
         if pid > 0 {

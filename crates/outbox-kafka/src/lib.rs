@@ -22,6 +22,8 @@
 //! body = "payload"                # or "envelope"
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod publisher;
 

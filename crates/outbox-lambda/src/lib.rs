@@ -14,6 +14,8 @@
 //!
 //! Build and deploy: see this crate's README.md.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 

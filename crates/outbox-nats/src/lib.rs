@@ -22,6 +22,8 @@
 //! - [`publisher`]: [`NatsPublisher`], over the core's per-key wave engine.
 //! - [`bootstrap()`]: creates the streams of the configured destinations (local profile, tests).
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod publisher;
 pub mod template;

@@ -6,6 +6,8 @@
 //! - [`order_violations`]: checks that a sequence of published events keeps per-key order.
 //! - [`conformance`]: the suite every publisher kind runs against its real broker.
 
+#![forbid(unsafe_code)]
+
 pub mod conformance;
 
 use std::collections::HashMap;

@@ -1,6 +1,6 @@
 //! A publisher kind of your own, in about a hundred lines: `kind = "pg_table"` appends each event
 //! to a table of another PostgreSQL database (a stand-in for any broker with a client library).
-//! It passes the publisher conformance suite (`crates/outbox/tests/relay.rs`,
+//! It passes the publisher conformance suite (`crates/outbox/tests/engine/relay.rs`,
 //! `custom_publisher_passes_the_conformance_suite`).
 //!
 //! Run: `DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo run -p outbox --example custom_publisher`

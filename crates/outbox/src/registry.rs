@@ -19,52 +19,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use figment::value::{Dict, Value};
+use figment::value::Value;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+pub use crate::config::DestinationSpec;
 use crate::config::{Config, ConfigError, Problems, PublisherSpec};
 use crate::publisher::routing::{Router, Routes};
 use crate::publisher::{FilePublisher, MemoryPublisher, Publisher, StdoutPublisher};
-
-/// `[destinations.NAME]` as the configuration holds it: the kind, and the rest of the table for
-/// the kind's factory to read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DestinationSpec {
-    /// `kind = "..."`: which [`PublisherFactory`] builds it.
-    pub kind: String,
-    /// Every other key of the table.
-    pub settings: Dict,
-}
-
-impl<'de> Deserialize<'de> for DestinationSpec {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut settings = Dict::deserialize(d)?;
-        let kind = match settings.remove("kind") {
-            Some(Value::String(_, kind)) => kind,
-            Some(other) => {
-                return Err(serde::de::Error::custom(format!(
-                    "`kind` must be a string, found {:?}",
-                    other
-                )))
-            }
-            None => {
-                return Err(serde::de::Error::custom(
-                    "a destination needs `kind = \"...\"` (e.g. \"sqs\", \"kafka\", \"file\")",
-                ))
-            }
-        };
-        Ok(Self { kind, settings })
-    }
-}
-
-impl Serialize for DestinationSpec {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut table = self.settings.clone();
-        table.insert("kind".into(), Value::from(self.kind.clone()));
-        crate::config::redacted_dict(&table).serialize(s)
-    }
-}
 
 /// One configured destination, as its kind's factory reads it.
 #[derive(Debug, Clone, Copy)]

@@ -361,6 +361,7 @@ const RELAY_GRANTS: &str = "
 ";
 
 #[tokio::test]
+#[allow(unsafe_code)]
 async fn the_relay_runs_as_a_role_with_only_the_documented_grants() {
     let db = TestDb::new().await.unwrap();
     let (role, url) = role_with(

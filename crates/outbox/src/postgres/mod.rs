@@ -7,6 +7,7 @@ mod enqueue;
 mod migrate;
 mod schema;
 mod store;
+mod url;
 
 use std::time::Duration;
 
@@ -29,8 +30,9 @@ pub use migrate::{
 };
 pub use schema::{InvalidSchema, Schema, MAX_SCHEMA_LEN};
 pub use store::{DeadLetterPolicy, PgClaim, PgStore, PgStoreOptions, Waker};
+pub use url::{keyword_values, redact_url, DatabaseUrl};
 
-use crate::config::{keyword_values, ConnectionParameter, DatabaseUrl, CONNECTION_PARAMETERS};
+use url::{ConnectionParameter, CONNECTION_PARAMETERS};
 
 /// Why the database could not be reached; the message says where and what to check. The URL is
 /// always shown redacted, and a driver's error text is redacted too.

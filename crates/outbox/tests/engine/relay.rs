@@ -1337,7 +1337,7 @@ async fn start_relay_from_config_honours_enabled_and_checks_the_destinations_fir
 
 /// The example of a publisher kind of one's own (examples/custom_publisher.rs), held to the same
 /// conformance suite as the broker crates' publishers.
-#[path = "../examples/custom_publisher.rs"]
+#[path = "../../examples/custom_publisher.rs"]
 #[allow(dead_code)]
 mod custom_publisher;
 
