@@ -89,11 +89,6 @@ mod otlp {
             let Some(url) = telemetry.traces_url() else {
                 return Ok(None);
             };
-            let usage = |e: &dyn std::fmt::Display| {
-                UsageError(anyhow::anyhow!(
-                    "invalid value for `telemetry.otlp_endpoint`: {e}; use the collector's OTLP/HTTP base URL, e.g. \"http://127.0.0.1:4318\""
-                ))
-            };
             let client = reqwest::blocking::Client::builder()
                 .user_agent(concat!("outbox-relay/", env!("CARGO_PKG_VERSION")))
                 .timeout(EXPORT_TIMEOUT)
@@ -109,7 +104,11 @@ mod otlp {
                 .with_timeout(EXPORT_TIMEOUT)
                 .with_http_client(BlockingClient(client))
                 .build()
-                .map_err(|e| usage(&e))?;
+                .map_err(|e| {
+                    UsageError(anyhow::anyhow!(
+                        "invalid value for `telemetry.otlp_endpoint`: {e}; use the collector's OTLP/HTTP base URL, e.g. \"http://127.0.0.1:4318\""
+                    ))
+                })?;
             let resource = Resource::builder()
                 .with_service_name(telemetry.service_name.clone())
                 .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
