@@ -28,6 +28,9 @@ check -p outbox-consumer --no-default-features
 # The CLI with no broker (every broker's code is behind its feature; the default build has them
 # all). Each broker alone is not checked: measured at ~4 min for `--features aws` alone here.
 check -p outbox-cli --no-default-features
+# The OTLP trace exporter alone: its dependencies must not lean on a broker's (reqwest's TLS
+# features come from the webhook publisher in the default build).
+check -p outbox-cli --no-default-features --features otlp
 # The Lambda binary.
 check -p outbox-lambda --features lambda --bins
 

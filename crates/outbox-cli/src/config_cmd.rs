@@ -23,6 +23,11 @@ pub fn run(source: &ConfigSource, database_url: Option<&str>) -> Result<()> {
             .iter()
             .map(|p| p.to_string()),
     );
+    problems.extend(
+        crate::telemetry::problems(&config)
+            .iter()
+            .map(|p| p.to_string()),
+    );
     let aws = aws::resolve(&config, &mut problems);
     if !problems.is_empty() {
         let count = match problems.len() {

@@ -14,6 +14,7 @@ mod out;
 mod relay_cmd;
 mod signals;
 mod status_cmd;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use outbox::config::{Config, ConfigError, ConfigSource, DatabaseUrl, Problems, PublisherSpec};
-use outbox::logging::{self, LogFormat, LogOptions};
+use outbox::logging::{self, LogFormat, LogSettings};
 use outbox::postgres::{self, MigrateError, MigrateOptions};
 use outbox::Publisher;
 
@@ -216,29 +217,30 @@ pub(crate) static LOG_FORMAT: OnceLock<LogFormat> = OnceLock::new();
 fn main() -> ExitCode {
     out::quiet_broken_pipe_panics();
     let cli = Cli::parse();
-    let format = match logging::init(LogOptions {
-        default_filter: "info,sqlx=warn",
-        timestamps: true,
-    }) {
-        Ok(format) => format,
+    // Read first, so that a bad variable fails before anything else.
+    let settings = match LogSettings::from_env("info,sqlx=warn") {
+        Ok(settings) => settings,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    let format = settings.format;
     let _ = LOG_FORMAT.set(format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    // The trace exporter is configured in the file, so the subscriber is installed once the
+    // configuration is read, with the exporter's layer when there is one. Nothing logs before.
+    let prepared = prepare(&cli);
+    let exporter = match &prepared {
+        Ok(Prepared {
+            telemetry: Some(t), ..
+        }) => Some(t.layer()),
+        _ => None,
     };
-    let result = runtime.block_on(run(cli));
-    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    if let Err(e) = logging::install(&settings, true, exporter) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let result = prepared.and_then(|prepared| execute(cli, prepared));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<BrokenPipe>().is_some() => ExitCode::SUCCESS,
@@ -251,6 +253,39 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// What a command needs before it runs: the configuration (none for the commands that read it
+/// themselves or not at all) and, for `relay`, the trace exporter that `[telemetry]` configures.
+struct Prepared {
+    config: Option<Config>,
+    telemetry: Option<telemetry::Telemetry>,
+}
+
+fn prepare(cli: &Cli) -> Result<Prepared> {
+    let config = match &cli.command {
+        Command::Config | Command::Completions { .. } | Command::Man => None,
+        _ => Some(load_config(cli)?),
+    };
+    let telemetry = match (&cli.command, &config) {
+        (Command::Relay { .. }, Some(config)) => telemetry::Telemetry::from_config(config)?,
+        _ => None,
+    };
+    Ok(Prepared { config, telemetry })
+}
+
+/// Runs the command on the async runtime; then, the runtime gone, exports the last spans.
+fn execute(cli: Cli, prepared: Prepared) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(run(cli, prepared.config));
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    if let Some(telemetry) = prepared.telemetry {
+        telemetry.shutdown();
+    }
+    result
 }
 
 /// The configuration and every problem with it, `--database-url` applied over every other source
@@ -303,7 +338,12 @@ fn load_config(cli: &Cli) -> Result<Config> {
     for problem in problems {
         all.push(problem);
     }
-    for problem in registry().problems(&config).into_vec() {
+    for problem in registry()
+        .problems(&config)
+        .into_vec()
+        .into_iter()
+        .chain(telemetry::problems(&config))
+    {
         all.push(problem);
     }
     all.into_result().map_err(|e| UsageError(e.into()))?;
@@ -319,7 +359,7 @@ pub(crate) async fn connect(config: &Config, name: &str) -> Result<sqlx::PgPool>
         })
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, config: Option<Config>) -> Result<()> {
     match &cli.command {
         // Validates on its own, so that it reports every problem (the AWS sections' too) at once.
         Command::Config => {
@@ -330,7 +370,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Man => return docs_cmd::man(),
         _ => {}
     }
-    let config = load_config(&cli)?;
+    let config = config.context("the configuration is loaded for every other command")?;
     match cli.command {
         Command::Migrate { print, from } => migrate(&config, print, from).await,
         Command::Relay {

@@ -1701,3 +1701,149 @@ async fn the_admin_token_is_never_shown_and_bad_admin_settings_exit_2() {
     assert!(!text.contains("tiny-tok3n"), "{text}");
     db.drop_db().await.unwrap();
 }
+
+/// A collector's OTLP/HTTP traces endpoint on 127.0.0.1: every request it decodes, kept in order.
+#[cfg(feature = "otlp")]
+async fn otlp_receiver() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<
+        std::sync::Mutex<
+            Vec<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+        >,
+    >,
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| async move {
+            match ExportTraceServiceRequest::decode(body) {
+                Ok(request) => {
+                    sink.lock().unwrap().push(request);
+                    // An empty ExportTraceServiceResponse: everything was accepted.
+                    (
+                        axum::http::StatusCode::OK,
+                        [("content-type", "application/x-protobuf")],
+                    )
+                }
+                Err(_) => (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    [("content-type", "text/plain")],
+                ),
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, received)
+}
+
+/// Issue 10: with `[telemetry] otlp_endpoint`, `outbox relay` exports its `publish` span to the
+/// collector: a producer span linked to the trace of the event it published, with the service's
+/// name and version. The batch processor's schedule is set beyond the test, so the span can only
+/// come from the flush of the graceful stop (SIGTERM).
+#[cfg(feature = "otlp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_exports_its_publish_span_linked_to_the_events_trace_over_otlp() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+    let (addr, received) = otlp_receiver().await;
+    let db = TestDb::new().await.unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut tx = db.pool.begin().await.unwrap();
+    let event = NewEvent::new("order", "o-1", "OrderPlaced")
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .payload(&serde_json::json!({ "order_id": "o-1" }))
+        .unwrap();
+    Outbox::new(Schema::default())
+        .enqueue(&mut tx, event)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let config = temp_file("otlp.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[default.telemetry]\notlp_endpoint = \"http://{addr}\"\nservice_name = \"outbox-test\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = outbox(&db.url)
+        .arg("--config")
+        .arg(&config)
+        .args(["relay", "--publisher", "null"])
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&db, "SELECT count(*) FROM outbox_event").await > 0 {
+        assert!(Instant::now() < deadline, "the event was not published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "exported before the stop: the test no longer shows the flush on exit"
+    );
+    signal(child.id(), "TERM");
+    let status = wait_within(&mut child, Duration::from_secs(20));
+    let err = child_stderr(&mut child);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+
+    let requests = received.lock().unwrap().clone();
+    let resource_spans: Vec<_> = requests.iter().flat_map(|r| &r.resource_spans).collect();
+    let publish = resource_spans
+        .iter()
+        .flat_map(|rs| rs.scope_spans.iter().flat_map(|ss| &ss.spans))
+        .find(|span| span.name == "publish")
+        .unwrap_or_else(|| panic!("no publish span was exported: {requests:?}\n{err}"));
+    assert_eq!(publish.kind, SpanKind::Producer as i32);
+    let linked: Vec<String> = publish
+        .links
+        .iter()
+        .map(|link| link.trace_id.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    assert_eq!(linked, vec![trace_id.to_owned()], "{publish:?}");
+    let attribute = |key: &str| {
+        resource_spans[0]
+            .resource
+            .as_ref()
+            .and_then(|r| r.attributes.iter().find(|a| a.key == key))
+            .and_then(|a| a.value.as_ref()?.value.clone())
+    };
+    assert_eq!(
+        attribute("service.name"),
+        Some(Value::StringValue("outbox-test".into()))
+    );
+    assert_eq!(
+        attribute("service.version"),
+        Some(Value::StringValue(env!("CARGO_PKG_VERSION").into()))
+    );
+    std::fs::remove_file(config).ok();
+    db.drop_db().await.unwrap();
+}
+
+/// `telemetry.otlp_endpoint` must be an http(s) URL: anything else stops the relay (and
+/// `outbox config`) before it starts, naming the key and where it was set.
+#[test]
+fn a_telemetry_endpoint_that_is_not_an_http_url_is_refused_at_start_up() {
+    for command in [&["relay", "--publisher", "null"][..], &["config"]] {
+        let out = run(outbox("postgres://postgres@127.0.0.1:1/none")
+            .args(command)
+            .env("OUTBOX_TELEMETRY__OTLP_ENDPOINT", "ftp://x"));
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("`telemetry.otlp_endpoint`")
+                && err.contains("OUTBOX_TELEMETRY__OTLP_ENDPOINT")
+                && err.contains("not an http:// or https:// URL"),
+            "{command:?}: {err}"
+        );
+    }
+}

@@ -443,6 +443,96 @@ impl AdminConfig {
     }
 }
 
+/// The default `telemetry.service_name`.
+pub const DEFAULT_SERVICE_NAME: &str = "outbox-relay";
+
+/// `[telemetry]`: trace export of `outbox relay` over OTLP/HTTP (the CLI's `otlp` feature). Off
+/// unless `otlp_endpoint` is set; a library user installs their own tracer and ignores it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP base URL, e.g. `http://127.0.0.1:4318`; spans are sent to
+    /// `<otlp_endpoint>/v1/traces` as protobuf. None (the default): no export.
+    #[serde(serialize_with = "serialize_redacted_url")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` resource attribute of the exported spans.
+    pub service_name: String,
+    /// The share of traces recorded, 0.0 to 1.0 (a span whose parent was sampled is always
+    /// recorded).
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: DEFAULT_SERVICE_NAME.to_owned(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
+impl TelemetryConfig {
+    /// The URL the spans are posted to: `<otlp_endpoint>/v1/traces`, when export is on.
+    pub fn traces_url(&self) -> Option<String> {
+        let endpoint = self.otlp_endpoint.as_deref()?.trim();
+        Some(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+    }
+
+    fn problems(&self, p: &mut Problems) {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            if let Err(problem) = check_http_base_url(endpoint.trim()) {
+                p.add(
+                    "telemetry.otlp_endpoint",
+                    problem,
+                    "use the collector's OTLP/HTTP base URL, e.g. \"http://127.0.0.1:4318\" (spans go to <endpoint>/v1/traces), or unset it",
+                );
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            p.add(
+                "telemetry.service_name",
+                "an empty name",
+                "use a name such as \"outbox-relay\" (the default)",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            p.add(
+                "telemetry.sample_ratio",
+                format!("{} is out of range", self.sample_ratio),
+                "use 0.0 to 1.0 (1.0, the default, records every trace)",
+            );
+        }
+    }
+}
+
+/// An `http://` or `https://` URL with a host, and no query or fragment (a path is appended).
+fn check_http_base_url(url: &str) -> Result<(), String> {
+    let shown = redact_url(url);
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{shown:?} is not an http:// or https:// URL"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    if host.is_empty() || host.starts_with(':') {
+        return Err(format!("{shown:?} has no host"));
+    }
+    if url.contains(|c: char| c.is_whitespace() || c == '?' || c == '#') {
+        return Err(format!(
+            "{shown:?} has a space, a query or a fragment (the path /v1/traces is appended to it)"
+        ));
+    }
+    Ok(())
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    url.as_deref().map(redact_url).serialize(s)
+}
+
 /// The admin API's bearer token: never shown (`Debug`, `Display` and serialization print `***`).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -561,6 +651,9 @@ pub struct Config {
     /// `[admin]`: the admin listener and the readiness thresholds.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[telemetry]`: trace export of `outbox relay` (OTLP/HTTP).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// `[destinations.NAME]`: named destinations, each with a `kind` that a linked publisher
     /// crate builds (see [`crate::registry`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -915,6 +1008,7 @@ impl Config {
             }
         }
         self.admin.problems(&mut p);
+        self.telemetry.problems(&mut p);
         let e = &self.events;
         if e.max_payload_bytes == 0 || e.max_payload_bytes > MAX_PAYLOAD_BYTES_CEILING {
             p.add(
@@ -1210,6 +1304,70 @@ mod tests {
 
     fn toml_string(s: &str) -> String {
         serde_json::to_string(s).unwrap() // a JSON string is a valid TOML basic string here
+    }
+
+    #[test]
+    fn telemetry_settings_parse_per_profile_and_bad_values_name_their_key() {
+        let config = load("", "local").unwrap();
+        assert_eq!(config.telemetry.otlp_endpoint, None);
+        assert_eq!(config.telemetry.traces_url(), None);
+        assert_eq!(config.telemetry.service_name, DEFAULT_SERVICE_NAME);
+        assert_eq!(config.telemetry.sample_ratio, 1.0);
+
+        let text =
+            "[prod.telemetry]\notlp_endpoint = \"https://collector:4318/\"\nsample_ratio = 0.25\n";
+        let config = load(text, "prod").unwrap();
+        assert_eq!(
+            config.telemetry.traces_url().as_deref(),
+            Some("https://collector:4318/v1/traces")
+        );
+        assert_eq!(config.telemetry.sample_ratio, 0.25);
+        assert_eq!(load(text, "dev").unwrap().telemetry.otlp_endpoint, None);
+
+        for (bad, said) in [
+            ("ftp://x", "not an http:// or https:// URL"),
+            ("127.0.0.1:4318", "not an http:// or https:// URL"),
+            ("http://", "has no host"),
+            ("http://c:4318/?x=1", "a query"),
+        ] {
+            let err = load(
+                &format!(
+                    "[default.telemetry]\notlp_endpoint = {}\n",
+                    toml_string(bad)
+                ),
+                "local",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("`telemetry.otlp_endpoint`") && err.contains(said),
+                "{bad}: {err}"
+            );
+        }
+        let err = load(
+            "[default.telemetry]\nsample_ratio = 1.5\nservice_name = \" \"\n",
+            "local",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`telemetry.sample_ratio`") && err.contains("`telemetry.service_name`"),
+            "{err}"
+        );
+        let err = load("[default.telemetry]\nendpoint = \"http://c\"\n", "local").unwrap_err();
+        assert!(err.to_string().contains("endpoint"), "{err}");
+
+        // A password in the endpoint is never shown.
+        let config = load(
+            "[default.telemetry]\notlp_endpoint = \"https://u:s3cret@c:4318\"\n",
+            "local",
+        )
+        .unwrap();
+        let shown = serde_json::to_string(&config).unwrap();
+        assert!(
+            !shown.contains("s3cret") && shown.contains("c:4318"),
+            "{shown}"
+        );
     }
 
     #[test]

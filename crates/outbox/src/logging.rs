@@ -15,7 +15,9 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// The variable that filters the logs (takes precedence over `RUST_LOG`).
 pub const FILTER_VAR: &str = "OUTBOX_LOG";
@@ -135,11 +137,22 @@ fn check_filter(filter: &str) -> Result<(), String> {
 /// Installs the process-wide subscriber from the environment and returns the format in use.
 pub fn init(options: LogOptions) -> Result<LogFormat, LogError> {
     let settings = LogSettings::from_env(options.default_filter)?;
-    install(&settings, options.timestamps)?;
+    install(&settings, options.timestamps, None)?;
     Ok(settings.format)
 }
 
-fn install(settings: &LogSettings, timestamps: bool) -> Result<(), LogError> {
+/// A layer installed next to the log lines, e.g. a trace exporter; it filters for itself (the log
+/// filter applies to the log lines only).
+pub type ExtraLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// Installs the process-wide subscriber with `settings`, and `extra` next to the log lines. For a
+/// binary that reads its settings early (to fail fast on a bad variable) and installs once it
+/// knows what else to record, e.g. a trace exporter named in its configuration file.
+pub fn install(
+    settings: &LogSettings,
+    timestamps: bool,
+    extra: Option<ExtraLayer>,
+) -> Result<(), LogError> {
     let filter = EnvFilter::builder()
         .parse(&settings.filter)
         .map_err(|e| LogError::Filter {
@@ -147,17 +160,26 @@ fn install(settings: &LogSettings, timestamps: bool) -> Result<(), LogError> {
             value: settings.filter.clone(),
             reason: e.to_string(),
         })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(settings.ansi);
-    let installed = match (settings.format, timestamps) {
-        (LogFormat::Text, true) => builder.try_init(),
-        (LogFormat::Text, false) => builder.without_time().try_init(),
-        (LogFormat::Json, true) => builder.json().flatten_event(true).try_init(),
-        (LogFormat::Json, false) => builder.json().flatten_event(true).without_time().try_init(),
+    // The filter is the log lines' own, so that `extra` may record what they leave out.
+    let lines: ExtraLayer = match (settings.format, timestamps) {
+        (LogFormat::Text, true) => lines.with_filter(filter).boxed(),
+        (LogFormat::Text, false) => lines.without_time().with_filter(filter).boxed(),
+        (LogFormat::Json, true) => lines.json().flatten_event(true).with_filter(filter).boxed(),
+        (LogFormat::Json, false) => lines
+            .json()
+            .flatten_event(true)
+            .without_time()
+            .with_filter(filter)
+            .boxed(),
     };
-    installed.map_err(|_| LogError::AlreadySet)
+    let layers: Vec<ExtraLayer> = std::iter::once(lines).chain(extra).collect();
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .map_err(|_| LogError::AlreadySet)
 }
 
 /// A message that must reach the user whatever the filter (a command's final error), in the log
