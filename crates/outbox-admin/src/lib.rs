@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use outbox::config::{AdminConfig, AdminToken};
 use outbox::{RelayMonitor, Schema};
 use sqlx::PgPool;

@@ -234,7 +234,7 @@ pub struct AmqpEntry {
     exchange: String,
     routing_key: String,
     properties: BasicProperties,
-    body: Arc<Vec<u8>>,
+    body: Arc<[u8]>,
 }
 
 struct Wave<'a> {
@@ -301,7 +301,7 @@ impl Sink for Wave<'_> {
                 exchange,
                 routing_key,
                 properties,
-                body: Arc::new(body.into_bytes()),
+                body: Arc::from(body.into_bytes()),
             },
             size,
         })

@@ -70,7 +70,7 @@ pub(crate) struct Offloader {
 }
 
 impl Offloader {
-    pub async fn store(
+    pub(crate) async fn store(
         &self,
         event_id: uuid::Uuid,
         body: String,
@@ -134,7 +134,7 @@ impl Offloader {
     }
 
     /// Checks at start-up that the bucket exists and is reachable; the error gives the fix.
-    pub async fn check(&self, profile: crate::config::Profile) -> Result<(), String> {
+    pub(crate) async fn check(&self, profile: crate::config::Profile) -> Result<(), String> {
         let bucket = &self.config.bucket;
         match self.s3.head_bucket().bucket(bucket).send().await {
             Ok(_) => Ok(()),

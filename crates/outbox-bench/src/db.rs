@@ -8,7 +8,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 /// What the `outbox_event_wakeup` trigger does during a measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wakeup {
+pub(crate) enum Wakeup {
     /// Trigger dropped: producers never look at the wake-up flag.
     Dropped,
     /// Trigger installed, no relay waiting (its request in the past): the normal busy case.
@@ -18,7 +18,7 @@ pub enum Wakeup {
 }
 
 impl Wakeup {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Wakeup::Dropped => "trigger dropped",
             Wakeup::NotWanted => "trigger, relay busy",
@@ -27,7 +27,7 @@ impl Wakeup {
     }
 }
 
-pub struct BenchDb {
+pub(crate) struct BenchDb {
     pub name: String,
     pub pool: PgPool,
     admin: PgConnectOptions,
@@ -37,7 +37,7 @@ pub struct BenchDb {
 
 impl BenchDb {
     /// Creates `outbox_bench_<pid>` on the server of `admin_url` and migrates the outbox into it.
-    pub async fn create(admin_url: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn create(admin_url: &str) -> anyhow::Result<Self> {
         let admin: PgConnectOptions = admin_url
             .parse()
             .context("DATABASE_URL is not a PostgreSQL URL")?;
@@ -87,12 +87,12 @@ impl BenchDb {
     }
 
     /// A connection of its own (producers each hold one, outside the pool).
-    pub async fn connect(&self) -> anyhow::Result<PgConnection> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<PgConnection> {
         Ok(self.admin.clone().database(&self.name).connect().await?)
     }
 
     /// Re-runs the migration, which installs or removes the strict_key_order trigger.
-    pub async fn migrate(&self, strict_key_order: bool) -> anyhow::Result<()> {
+    pub(crate) async fn migrate(&self, strict_key_order: bool) -> anyhow::Result<()> {
         let mut conn = self.pool.acquire().await?;
         outbox::migrate(
             &mut conn,
@@ -106,7 +106,7 @@ impl BenchDb {
         Ok(())
     }
 
-    pub async fn drop_db(self) -> anyhow::Result<()> {
+    pub(crate) async fn drop_db(self) -> anyhow::Result<()> {
         self.pool.close().await;
         let mut conn = self.admin.connect().await?;
         sqlx::query(&format!(
@@ -119,7 +119,7 @@ impl BenchDb {
     }
 
     /// Empties the outbox and the business table and resets the wake-up flag.
-    pub async fn reset(&self) -> anyhow::Result<()> {
+    pub(crate) async fn reset(&self) -> anyhow::Result<()> {
         sqlx::query("TRUNCATE outbox_event, bench_order")
             .execute(&self.pool)
             .await?;
@@ -132,7 +132,7 @@ impl BenchDb {
     /// Empties the outbox and loads `n` events of ~200 bytes over `keys` keys in one statement,
     /// through the same table, defaults, constraints and triggers a producer goes through, then
     /// vacuums so every scenario starts from the same physical state.
-    pub async fn preload(&self, n: i64, keys: i64) -> anyhow::Result<()> {
+    pub(crate) async fn preload(&self, n: i64, keys: i64) -> anyhow::Result<()> {
         self.reset().await?;
         self.append(n, keys).await?;
         sqlx::query("VACUUM ANALYZE outbox_event")
@@ -142,7 +142,7 @@ impl BenchDb {
     }
 
     /// Appends `n` events (no vacuum), e.g. while a relay runs.
-    pub async fn append(&self, n: i64, keys: i64) -> anyhow::Result<()> {
+    pub(crate) async fn append(&self, n: i64, keys: i64) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO outbox_event (aggregate_type, aggregate_id, event_type, payload)
              SELECT 'account', 'acc-' || (g % $2), 'AccountCredited',
@@ -157,13 +157,13 @@ impl BenchDb {
         Ok(())
     }
 
-    pub async fn count(&self) -> anyhow::Result<i64> {
+    pub(crate) async fn count(&self) -> anyhow::Result<i64> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM outbox_event")
             .fetch_one(&self.pool)
             .await?)
     }
 
-    pub async fn set_wakeup(&self, mode: Wakeup) -> anyhow::Result<()> {
+    pub(crate) async fn set_wakeup(&self, mode: Wakeup) -> anyhow::Result<()> {
         match mode {
             Wakeup::Dropped => {
                 sqlx::query("DROP TRIGGER IF EXISTS outbox_event_wakeup ON outbox_event")

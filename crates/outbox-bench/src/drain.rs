@@ -11,7 +11,7 @@ use crate::db::BenchDb;
 use crate::report::{fmt_num, Report, Table};
 use crate::sys;
 
-pub struct DrainConfig {
+pub(crate) struct DrainConfig {
     pub events: i64,
     pub keys: i64,
     pub batch: usize,
@@ -21,7 +21,7 @@ pub struct DrainConfig {
 }
 
 /// One drain's figures.
-pub struct Run {
+pub(crate) struct Run {
     pub events: u64,
     pub elapsed: Duration,
     cpu: Duration,
@@ -29,15 +29,19 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64()
     }
-    pub fn cpu_s_per_million(&self) -> f64 {
+    pub(crate) fn cpu_s_per_million(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / self.events.max(1) as f64
     }
 }
 
-pub async fn run(db: &BenchDb, cfg: &DrainConfig, report: &mut Report) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    db: &BenchDb,
+    cfg: &DrainConfig,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let mut table = Table::new(
         format!(
             "drain: {} events of ~200 B over {} keys, batch {}, null publisher",
@@ -133,7 +137,7 @@ async fn relay_drain(db: &BenchDb, cfg: &DrainConfig, workers: usize) -> anyhow:
 }
 
 /// Drains the preloaded backlog with a null publisher and `options`.
-pub async fn relay_drain_with(db: &BenchDb, options: RelayOptions) -> anyhow::Result<Run> {
+pub(crate) async fn relay_drain_with(db: &BenchDb, options: RelayOptions) -> anyhow::Result<Run> {
     // Wake-ups play no part in a drain (every claim is full); without them no listener is left
     // holding a connection after the run.
     let store = PgStore::new(
@@ -159,7 +163,7 @@ pub async fn relay_drain_with(db: &BenchDb, options: RelayOptions) -> anyhow::Re
 }
 
 /// The physical limit: no ordering, no transaction beyond the statement, the same columns out.
-pub async fn delete_loop(db: &BenchDb, batch: usize, workers: usize) -> anyhow::Result<Run> {
+pub(crate) async fn delete_loop(db: &BenchDb, batch: usize, workers: usize) -> anyhow::Result<Run> {
     let sql = "DELETE FROM outbox_event WHERE seq IN (
                    SELECT seq FROM outbox_event ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)
                RETURNING seq, id, aggregate_type, aggregate_id, event_type, payload::text AS payload,

@@ -20,13 +20,13 @@ use crate::report::{fmt_num, Report, Table};
 
 /// One phase: a target rate (None = as fast as `producers` connections go) for a duration.
 #[derive(Debug, Clone, Copy)]
-pub struct Phase {
+pub(crate) struct Phase {
     pub rate: Option<u32>,
     pub producers: usize,
     pub duration: Duration,
 }
 
-pub struct LatencyConfig {
+pub(crate) struct LatencyConfig {
     pub phases: Vec<Phase>,
     pub keys: u64,
 }
@@ -90,7 +90,11 @@ struct PhaseResult {
     committed: u64,
 }
 
-pub async fn run(db: &BenchDb, cfg: &LatencyConfig, report: &mut Report) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    db: &BenchDb,
+    cfg: &LatencyConfig,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let mut table = Table::new(
         "latency: commit-ack to publish-ack, single-event transactions, null publisher, relay 2 workers batch 100",
         &[

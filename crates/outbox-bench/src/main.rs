@@ -147,11 +147,7 @@ async fn main() -> anyhow::Result<()> {
         "# mode={} total_s={:.1} metrics={}",
         if args.full { "full" } else { "quick" },
         started.elapsed().as_secs_f64(),
-        if args.metrics {
-            "prometheus"
-        } else {
-            "off"
-        }
+        if args.metrics { "prometheus" } else { "off" }
     );
     if args.metrics {
         // Proof that the recorder saw the traffic: the published counter's lines.
@@ -322,7 +318,11 @@ async fn run_brokers(
                 80,
                 "bash scripts/aws-emulator.sh start",
             ),
-            "kafka" => (args.kafka_brokers.as_str(), 9092, "bash scripts/kafka.sh start"),
+            "kafka" => (
+                args.kafka_brokers.as_str(),
+                9092,
+                "bash scripts/kafka.sh start",
+            ),
             "nats" => (
                 args.nats_url.as_str(),
                 4222,
@@ -335,7 +335,9 @@ async fn run_brokers(
             ),
             _ => ("127.0.0.1", 0, ""),
         };
-        if default_port != 0 && !brokers::port_open(brokers::loopback_port(address, default_port)?).await {
+        if default_port != 0
+            && !brokers::port_open(brokers::loopback_port(address, default_port)?).await
+        {
             report.note(format!(
                 "\n### broker {name}: SKIPPED, nothing answers at {address} (start it: {start})"
             ));
@@ -343,7 +345,11 @@ async fn run_brokers(
             continue;
         }
         // The emulator slows down as a queue grows: small chunks there.
-        let chunk = if matches!(name, "sqs" | "sns") { 100 } else { 1000 };
+        let chunk = if matches!(name, "sqs" | "sns") {
+            100
+        } else {
+            1000
+        };
         for &w in &workers {
             let target = match name {
                 "sqs" => brokers::sqs::target(address).await?,

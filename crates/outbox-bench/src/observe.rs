@@ -22,20 +22,20 @@ use crate::report::{fmt_num, Report, Table};
 
 /// The process's metrics recorder: the Prometheus recorder while switched on, no-op handles
 /// while off (what the facade hands out when no recorder is installed).
-pub struct Switch {
+pub(crate) struct Switch {
     on: AtomicBool,
     inner: PrometheusRecorder,
 }
 
 impl Switch {
-    pub fn new(inner: PrometheusRecorder, on: bool) -> Self {
+    pub(crate) fn new(inner: PrometheusRecorder, on: bool) -> Self {
         Self {
             on: AtomicBool::new(on),
             inner,
         }
     }
 
-    pub fn set(&self, on: bool) {
+    pub(crate) fn set(&self, on: bool) {
         self.on.store(on, Ordering::SeqCst);
     }
 
@@ -78,15 +78,15 @@ impl Recorder for Switch {
 }
 
 /// Switches the log filter of the benchmark's subscriber.
-pub type SetLogFilter = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
+pub(crate) type SetLogFilter = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
 
-pub struct ObserveConfig {
+pub(crate) struct ObserveConfig {
     pub events: i64,
     pub keys: i64,
     pub rounds: usize,
 }
 
-pub async fn run(
+pub(crate) async fn run(
     db: &BenchDb,
     cfg: &ObserveConfig,
     switch: &Switch,

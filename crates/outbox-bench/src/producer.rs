@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 use crate::db::{BenchDb, Wakeup};
 use crate::report::{fmt_num, Report, Table};
 
-pub struct ProducerConfig {
+pub(crate) struct ProducerConfig {
     pub concurrency: Vec<usize>,
     pub duration: Duration,
     pub rounds: usize,
@@ -44,7 +44,11 @@ struct Cell {
     producers: usize,
 }
 
-pub async fn run(db: &BenchDb, cfg: &ProducerConfig, report: &mut Report) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    db: &BenchDb,
+    cfg: &ProducerConfig,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let mut cells = Vec::new();
     for &producers in &cfg.concurrency {
         cells.push(Cell {

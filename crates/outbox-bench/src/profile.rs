@@ -8,7 +8,7 @@ use outbox::{Claim, Outcome, PgStore, PgStoreOptions, Store};
 use crate::db::BenchDb;
 use crate::report::{Report, Table};
 
-pub async fn run(db: &BenchDb, events: i64, report: &mut Report) -> anyhow::Result<()> {
+pub(crate) async fn run(db: &BenchDb, events: i64, report: &mut Report) -> anyhow::Result<()> {
     db.preload(events, 10_000).await?;
     let store = PgStore::new(
         db.pool.clone(),

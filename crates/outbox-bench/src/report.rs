@@ -5,19 +5,19 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 
 #[derive(Default)]
-pub struct Report {
+pub(crate) struct Report {
     results: Vec<String>,
 }
 
 /// A plain-text table with aligned columns.
-pub struct Table {
+pub(crate) struct Table {
     title: String,
     header: Vec<String>,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    pub fn new(title: impl Into<String>, header: &[&str]) -> Self {
+    pub(crate) fn new(title: impl Into<String>, header: &[&str]) -> Self {
         Self {
             title: title.into(),
             header: header.iter().map(|h| (*h).to_owned()).collect(),
@@ -25,7 +25,7 @@ impl Table {
         }
     }
 
-    pub fn row(&mut self, cells: Vec<String>) {
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
@@ -62,24 +62,24 @@ impl Table {
 }
 
 impl Report {
-    pub fn table(&mut self, table: &Table) {
+    pub(crate) fn table(&mut self, table: &Table) {
         print!("{}", table.render());
         let _ = std::io::stdout().flush();
     }
 
-    pub fn note(&mut self, text: impl AsRef<str>) {
+    pub(crate) fn note(&mut self, text: impl AsRef<str>) {
         println!("{}", text.as_ref());
         let _ = std::io::stdout().flush();
     }
 
     /// `RESULT <scenario> <metrics>` where `metrics` is already `key=value ...`.
-    pub fn result(&mut self, scenario: &str, metrics: impl AsRef<str>) {
+    pub(crate) fn result(&mut self, scenario: &str, metrics: impl AsRef<str>) {
         self.results
             .push(format!("RESULT {scenario} {}", metrics.as_ref()));
     }
 
     /// A result with a baseline: ratio = ours / baseline, both in throughput terms.
-    pub fn result_vs(
+    pub(crate) fn result_vs(
         &mut self,
         scenario: &str,
         metrics: impl AsRef<str>,
@@ -94,7 +94,7 @@ impl Report {
         ));
     }
 
-    pub fn print_results(&self) {
+    pub(crate) fn print_results(&self) {
         println!();
         for r in &self.results {
             println!("{r}");
@@ -104,7 +104,7 @@ impl Report {
 }
 
 /// A figure without needless decimals: integers above 100, else up to 2 decimals.
-pub fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else {

@@ -11,7 +11,7 @@ use crate::db::BenchDb;
 use crate::report::{fmt_num, Report, Table};
 use crate::sys;
 
-pub struct SoakConfig {
+pub(crate) struct SoakConfig {
     pub events: u64,
     pub chunk: u64,
     pub keys: i64,
@@ -48,7 +48,7 @@ async fn sample(db: &BenchDb, label: impl Into<String>, published: u64) -> anyho
     })
 }
 
-pub async fn run(db: &BenchDb, cfg: &SoakConfig, report: &mut Report) -> anyhow::Result<()> {
+pub(crate) async fn run(db: &BenchDb, cfg: &SoakConfig, report: &mut Report) -> anyhow::Result<()> {
     db.reset().await?;
     sqlx::query("VACUUM outbox_event").execute(&db.pool).await?;
     let store = PgStore::new(

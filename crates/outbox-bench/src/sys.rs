@@ -4,7 +4,7 @@ use std::time::Duration;
 
 /// User + system CPU time this process has used so far.
 #[allow(unsafe_code)]
-pub fn cpu_time() -> Duration {
+pub(crate) fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes into the struct we own.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
@@ -27,17 +27,17 @@ fn status_kb(field: &str) -> Option<u64> {
 }
 
 /// Current resident set size in MiB (0 where /proc is unavailable).
-pub fn rss_mib() -> f64 {
+pub(crate) fn rss_mib() -> f64 {
     status_kb("VmRSS:").map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
 /// Peak resident set size since the last [`reset_peak_rss`], in MiB.
-pub fn peak_rss_mib() -> f64 {
+pub(crate) fn peak_rss_mib() -> f64 {
     status_kb("VmHWM:").map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
 /// Resets the kernel's peak-RSS mark so the next [`peak_rss_mib`] covers one scenario only.
-pub fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     // "5" resets VmHWM (Linux 4.0+); failing only makes the peak cover a longer span.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }

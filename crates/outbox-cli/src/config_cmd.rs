@@ -11,7 +11,7 @@ use outbox::config::{Config, ConfigSource, PublisherSpec};
 
 use crate::UsageError;
 
-pub fn run(source: &ConfigSource, database_url: Option<&str>) -> Result<()> {
+pub(crate) fn run(source: &ConfigSource, database_url: Option<&str>) -> Result<()> {
     let (config, problems) =
         crate::load_with_problems(source, database_url).map_err(|e| UsageError(e.into()))?;
     let registry = crate::registry();
@@ -76,7 +76,7 @@ struct Rendered<'a> {
 }
 
 /// Writes to standard output; a reader that went away (`outbox config | head`) is not an error.
-pub fn write_stdout(text: &str) -> Result<()> {
+pub(crate) fn write_stdout(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -98,7 +98,7 @@ mod aws {
 
     /// `[aws]` as the clients will use it: region and endpoints resolved.
     #[derive(Serialize)]
-    pub struct Resolved {
+    pub(super) struct Resolved {
         profile: Profile,
         region: String,
         endpoints: BTreeMap<&'static str, String>,
@@ -108,7 +108,7 @@ mod aws {
 
     /// `[aws]` resolved, when the configuration has it or an AWS destination; its problems are
     /// added to `problems`.
-    pub fn resolve(config: &Config, problems: &mut Vec<String>) -> Option<Resolved> {
+    pub(super) fn resolve(config: &Config, problems: &mut Vec<String>) -> Option<Resolved> {
         let uses_aws = config.sections.contains_key("aws")
             || config
                 .destinations

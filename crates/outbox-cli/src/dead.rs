@@ -18,7 +18,7 @@ use crate::out::out;
 use crate::UsageError;
 
 #[derive(Subcommand, Debug)]
-pub enum DeadAction {
+pub(crate) enum DeadAction {
     /// List dead events, oldest first.
     List {
         #[command(flatten)]
@@ -65,7 +65,7 @@ pub enum DeadAction {
 
 /// Conditions on dead events; all given must hold.
 #[derive(Args, Debug, Default, Clone)]
-pub struct FilterArgs {
+pub(crate) struct FilterArgs {
     /// Only events of this event type.
     #[arg(long = "type", value_name = "EVENT_TYPE")]
     event_type: Option<String>,
@@ -82,7 +82,7 @@ pub struct FilterArgs {
 }
 
 #[derive(Debug, Clone)]
-pub struct KeyFilter {
+pub(crate) struct KeyFilter {
     aggregate_type: String,
     aggregate_id: Option<String>,
 }
@@ -101,7 +101,7 @@ impl FilterArgs {
 
 /// Which dead events a replay or delete changes: ids, a filter, or `--all`.
 #[derive(Args, Debug)]
-pub struct Targets {
+pub(crate) struct Targets {
     /// Dead event ids.
     #[arg(value_name = "ID")]
     ids: Vec<Uuid>,
@@ -178,7 +178,7 @@ fn admin_error(e: AdminError) -> anyhow::Error {
 /// Ids that were asked for but are not dead events: exit 1, naming them.
 #[derive(Debug, thiserror::Error)]
 #[error("not found among the dead events: {} (never existed, or already replayed, deleted or published)", join(.0))]
-pub struct NotFound(Vec<Uuid>);
+pub(crate) struct NotFound(Vec<Uuid>);
 
 fn join(ids: &[Uuid]) -> String {
     ids.iter()
@@ -203,7 +203,7 @@ fn line(e: &DeadEvent) -> String {
     )
 }
 
-pub async fn run(config: &Config, action: DeadAction) -> Result<()> {
+pub(crate) async fn run(config: &Config, action: DeadAction) -> Result<()> {
     let pool = crate::connect(config, "outbox-dead").await?;
     postgres::check_schema(&pool, &config.schema)
         .await
@@ -430,7 +430,7 @@ impl StopOnSignal {
 /// A long replay or delete stopped by a signal between two transactions: exit 1.
 #[derive(Debug, thiserror::Error)]
 #[error("{what} interrupted by {signal} after {done} events (each one complete, the rest untouched): run the same command again to continue")]
-pub struct Interrupted {
+pub(crate) struct Interrupted {
     signal: &'static str,
     what: String,
     done: usize,

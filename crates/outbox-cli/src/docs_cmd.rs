@@ -8,14 +8,14 @@ use clap::CommandFactory;
 use crate::config_cmd::write_stdout;
 use crate::Cli;
 
-pub fn completions(shell: clap_complete::Shell) -> Result<()> {
+pub(crate) fn completions(shell: clap_complete::Shell) -> Result<()> {
     let mut command = Cli::command();
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut command, "outbox", &mut script);
     write_stdout(&String::from_utf8(script).context("the completion script is not UTF-8")?)
 }
 
-pub fn man() -> Result<()> {
+pub(crate) fn man() -> Result<()> {
     let mut page = Vec::new();
     clap_mangen::Man::new(Cli::command())
         .render(&mut page)

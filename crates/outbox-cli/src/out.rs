@@ -11,10 +11,10 @@ use std::io::Write;
 /// The reader of standard output went away: end the command quietly.
 #[derive(Debug, thiserror::Error)]
 #[error("standard output was closed by its reader")]
-pub struct BrokenPipe;
+pub(crate) struct BrokenPipe;
 
 /// Writes one line of a command's result to standard output.
-pub fn out(line: impl Display) -> anyhow::Result<()> {
+pub(crate) fn out(line: impl Display) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")
         .and_then(|()| stdout.flush())
@@ -28,7 +28,7 @@ pub fn out(line: impl Display) -> anyhow::Result<()> {
 }
 
 /// A `print!` whose output is gone (closed pipe) exits quietly with 0 instead of panicking.
-pub fn quiet_broken_pipe_panics() {
+pub(crate) fn quiet_broken_pipe_panics() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let message = info

@@ -17,10 +17,10 @@ use crate::UsageError;
 /// The relay did not do what was asked of it (exit code 1), said in one line.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct NotDrained(String);
+pub(crate) struct NotDrained(String);
 
 /// How `outbox relay` runs.
-pub struct RelayCommand<'a> {
+pub(crate) struct RelayCommand<'a> {
     pub config: &'a Config,
     pub drain: bool,
     /// How often to log the summary line while running; zero turns it off.
@@ -31,7 +31,7 @@ pub struct RelayCommand<'a> {
 }
 
 impl RelayCommand<'_> {
-    pub async fn run(self) -> Result<()> {
+    pub(crate) async fn run(self) -> Result<()> {
         let config = self.config;
         let publisher = crate::build_publisher(config).await?;
         let pool = crate::connect(config, "outbox-relay").await?;
@@ -232,7 +232,7 @@ async fn periodic_summary(
 }
 
 /// `--summary-interval`: a duration (`60s`, `5m`), `0` for none, at least one second otherwise.
-pub fn parse_summary_interval(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_summary_interval(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim())
         .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 60s or 5m, or 0 for none"))?;
     if !d.is_zero() && d < Duration::from_secs(1) {

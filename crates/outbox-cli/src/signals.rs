@@ -9,13 +9,13 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// The signal streams, installed when the relay starts. From then on the default action of both
 /// signals (terminate) is replaced, so a second signal is also ours to handle.
-pub struct Signals {
+pub(crate) struct Signals {
     interrupt: Signal,
     terminate: Signal,
 }
 
 impl Signals {
-    pub fn install() -> Result<Self> {
+    pub(crate) fn install() -> Result<Self> {
         Ok(Self {
             interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
@@ -34,7 +34,7 @@ impl Signals {
     /// signal exits the process at once with 128 + its number (130, 143), without waiting for the
     /// batch in flight: its claim's transaction ends with the connection and its events are
     /// claimed again (at-least-once).
-    pub async fn first(mut self, received: Arc<OnceLock<&'static str>>, format: LogFormat) {
+    pub(crate) async fn first(mut self, received: Arc<OnceLock<&'static str>>, format: LogFormat) {
         let (name, _) = self.recv().await;
         let _ = received.set(name);
         tracing::info!(

@@ -21,7 +21,7 @@ struct Reading {
     inserted: Option<i64>,
 }
 
-pub async fn watch(config: &Config) -> Result<()> {
+pub(crate) async fn watch(config: &Config) -> Result<()> {
     let pool = crate::connect(config, "outbox-status").await?;
     postgres::check_schema(&pool, &config.schema)
         .await

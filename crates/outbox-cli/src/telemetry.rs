@@ -11,7 +11,7 @@
 use outbox::config::{Config, ConfigError};
 
 /// The problems of `[telemetry]` that depend on how this binary was built.
-pub fn problems(config: &Config) -> Vec<ConfigError> {
+pub(crate) fn problems(config: &Config) -> Vec<ConfigError> {
     let mut problems = Vec::new();
     if cfg!(not(feature = "otlp")) && config.telemetry.otlp_endpoint.is_some() {
         problems.push(ConfigError::Value {
@@ -29,7 +29,7 @@ pub fn problems(config: &Config) -> Vec<ConfigError> {
 }
 
 #[cfg(feature = "otlp")]
-pub use otlp::Telemetry;
+pub(crate) use otlp::Telemetry;
 
 /// Without the `otlp` feature there is never an exporter ([`problems`] refuses an endpoint).
 #[cfg(not(feature = "otlp"))]
@@ -77,14 +77,14 @@ mod otlp {
     const WARN_EVERY: Duration = Duration::from_secs(60);
 
     /// The trace exporter of `outbox relay`: a tracer provider with a batch span processor.
-    pub struct Telemetry {
+    pub(crate) struct Telemetry {
         provider: SdkTracerProvider,
     }
 
     impl Telemetry {
         /// The exporter `[telemetry]` configures; `None` without `otlp_endpoint`. Builds an
         /// HTTP client with its own runtime thread: call it outside the async runtime.
-        pub fn from_config(config: &Config) -> Result<Option<Self>> {
+        pub(crate) fn from_config(config: &Config) -> Result<Option<Self>> {
             let telemetry = &config.telemetry;
             let Some(url) = telemetry.traces_url() else {
                 return Ok(None);
@@ -124,7 +124,7 @@ mod otlp {
         }
 
         /// The layer that records the outbox crates' spans (debug level and above) for export.
-        pub fn layer(&self) -> ExtraLayer {
+        pub(crate) fn layer(&self) -> ExtraLayer {
             tracing_opentelemetry::layer()
                 .with_tracer(self.provider.tracer("outbox"))
                 .with_filter(Targets::new().with_target("outbox", tracing::Level::DEBUG))
@@ -133,7 +133,7 @@ mod otlp {
 
         /// Exports the spans still buffered and stops the exporter; waits at most
         /// [`SHUTDOWN_TIMEOUT`]. Blocks: call it once the async runtime is gone.
-        pub fn shutdown(self) {
+        pub(crate) fn shutdown(self) {
             if let Err(e) = self.provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
                 tracing::warn!(error = %e, "traces: the last spans may not have been exported");
             }

@@ -14,6 +14,9 @@
 //! the second copy finds the mark. The offset is committed only after that transaction: a crash
 //! in between re-reads the message, never skips it.
 
+// Also compiled as a module of the consumer's tests (tests/any_broker), which use its items.
+#![allow(unreachable_pub)]
+
 use std::collections::HashMap;
 use std::time::Duration;
 

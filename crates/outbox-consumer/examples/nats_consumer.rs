@@ -13,6 +13,9 @@
 //! again after `ack_wait`. The effect and the inbox mark are written in one transaction, so the
 //! redelivered copy finds the mark and is only acknowledged.
 
+// Also compiled as a module of the consumer's tests (tests/any_broker), which use its items.
+#![allow(unreachable_pub)]
+
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -479,7 +479,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 pub struct WebhookEntry {
     id: String,
     url: String,
-    body: std::sync::Arc<Vec<u8>>,
+    body: std::sync::Arc<[u8]>,
     headers: HeaderMap,
 }
 
@@ -539,7 +539,7 @@ impl Sink for Wave<'_> {
             entry: WebhookEntry {
                 id: event.id.to_string(),
                 url,
-                body: std::sync::Arc::new(body.into_bytes()),
+                body: std::sync::Arc::from(body.into_bytes()),
                 headers,
             },
             size,

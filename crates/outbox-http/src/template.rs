@@ -18,7 +18,7 @@ pub struct Template {
 }
 
 /// The placeholders a template may use.
-pub const PLACEHOLDERS: &str = "{aggregate_type}, {event_type}";
+pub(crate) const PLACEHOLDERS: &str = "{aggregate_type}, {event_type}";
 
 impl Template {
     /// Parses `text`; the error says what is wrong (an unknown or unclosed placeholder).
@@ -91,7 +91,7 @@ impl Template {
 
 /// Appends `value` to `out` with every byte but RFC 3986's unreserved characters
 /// (`A-Z a-z 0-9 - . _ ~`) percent-encoded; `.` and `..` alone are encoded too (no path walking).
-pub fn percent_encode(value: &str, out: &mut String) {
+pub(crate) fn percent_encode(value: &str, out: &mut String) {
     if value == "." || value == ".." {
         out.push_str(&value.replace('.', "%2E"));
         return;

@@ -5,6 +5,9 @@
 //!
 //! Run: `DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo run -p outbox --example custom_publisher`
 
+// Also compiled as a module of the engine's tests (tests/engine/relay.rs), which use its items.
+#![allow(unreachable_pub)]
+
 use async_trait::async_trait;
 use outbox::config::Problems;
 use outbox::publisher::publish_sequentially;

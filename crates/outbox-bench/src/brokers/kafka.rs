@@ -17,7 +17,7 @@ use rdkafka::ClientConfig;
 
 use super::{Plain, Target};
 
-pub async fn target(brokers: &str) -> anyhow::Result<Target> {
+pub(crate) async fn target(brokers: &str) -> anyhow::Result<Target> {
     let topic = super::unique_name("outbox-bench");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -63,14 +63,15 @@ impl Plain for PlainKafka {
     async fn send(&self, batch: &[OutboxEvent]) -> anyhow::Result<()> {
         let mut deliveries = Vec::with_capacity(batch.len());
         for event in batch {
-            let headers = headers::identity(event)
-                .iter()
-                .fold(OwnedHeaders::new(), |h, (name, value)| {
-                    h.insert(Header {
-                        key: name,
-                        value: Some(value.as_bytes()),
-                    })
-                });
+            let headers =
+                headers::identity(event)
+                    .iter()
+                    .fold(OwnedHeaders::new(), |h, (name, value)| {
+                        h.insert(Header {
+                            key: name,
+                            value: Some(value.as_bytes()),
+                        })
+                    });
             let key = format!("{}/{}", event.aggregate_type, event.aggregate_id);
             let record = FutureRecord::to(&self.topic)
                 .key(key.as_bytes())

@@ -22,12 +22,12 @@
 //! the machine hits all alike; what the broker retained is cleared between chunks, outside the
 //! timed part.
 
-pub mod kafka;
-pub mod nats;
-pub mod rabbitmq;
-pub mod sns;
-pub mod sqs;
-pub mod webhook;
+pub(crate) mod kafka;
+pub(crate) mod nats;
+pub(crate) mod rabbitmq;
+pub(crate) mod sns;
+pub(crate) mod sqs;
+pub(crate) mod webhook;
 
 use std::time::{Duration, Instant};
 
@@ -39,11 +39,11 @@ use crate::db::BenchDb;
 use crate::report::{fmt_num, Report, Table};
 
 /// The brokers of the scenario, in the order they run.
-pub const ALL: &[&str] = &["sqs", "sns", "kafka", "nats", "rabbitmq", "webhook"];
+pub(crate) const ALL: &[&str] = &["sqs", "sns", "kafka", "nats", "rabbitmq", "webhook"];
 
 /// Sizes of one broker's comparison.
 #[derive(Debug, Clone, Copy)]
-pub struct Sizes {
+pub(crate) struct Sizes {
     /// Chunks per side.
     pub chunks: usize,
     /// Events per chunk.
@@ -56,7 +56,7 @@ pub struct Sizes {
 
 /// What a hand-written loop of the broker's own client does with the same events.
 #[async_trait]
-pub trait Plain: Send + Sync {
+pub(crate) trait Plain: Send + Sync {
     /// Sends one batch and waits until the broker acknowledged every message; an error if any
     /// message was refused.
     async fn send(&self, batch: &[OutboxEvent]) -> anyhow::Result<()>;
@@ -69,7 +69,7 @@ pub trait Plain: Send + Sync {
 }
 
 /// One broker, ready to compare.
-pub struct Target {
+pub(crate) struct Target {
     /// The broker's name in `--brokers` and in RESULT lines.
     pub name: &'static str,
     /// The table's title: broker, address, what a message carries.
@@ -80,7 +80,7 @@ pub struct Target {
 }
 
 /// Whether something accepts TCP connections at `127.0.0.1:port` within 2 s.
-pub async fn port_open(port: u16) -> bool {
+pub(crate) async fn port_open(port: u16) -> bool {
     tokio::time::timeout(
         Duration::from_secs(2),
         tokio::net::TcpStream::connect(("127.0.0.1", port)),
@@ -91,10 +91,8 @@ pub async fn port_open(port: u16) -> bool {
 
 /// The port of a loopback `host:port` (or `scheme://host:port/...`); anything else is refused:
 /// a benchmark never talks to a remote broker.
-pub fn loopback_port(address: &str, default_port: u16) -> anyhow::Result<u16> {
-    let rest = address
-        .split_once("://")
-        .map_or(address, |(_, rest)| rest);
+pub(crate) fn loopback_port(address: &str, default_port: u16) -> anyhow::Result<u16> {
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
     let authority = rest.split('/').next().unwrap_or(rest);
     let authority = authority.rsplit('@').next().unwrap_or(authority);
     let (host, port) = match authority.rsplit_once(':') {
@@ -110,7 +108,7 @@ pub fn loopback_port(address: &str, default_port: u16) -> anyhow::Result<u16> {
 
 /// The events of one chunk as the relay hands them to a publisher: the payload and keys of
 /// [`BenchDb::append`] (about 200 B of JSON, one of 10,000 accounts).
-pub fn events(n: usize) -> anyhow::Result<Vec<OutboxEvent>> {
+pub(crate) fn events(n: usize) -> anyhow::Result<Vec<OutboxEvent>> {
     (0..n)
         .map(|i| {
             Ok(serde_json::from_value(serde_json::json!({
@@ -124,13 +122,16 @@ pub fn events(n: usize) -> anyhow::Result<Vec<OutboxEvent>> {
 }
 
 /// A name no other run uses.
-pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+pub(crate) fn unique_name(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// The identity headers of `event` (what the publishers set) as a broker's attribute map, each
 /// value built by `value`.
-pub fn attributes<V>(
+pub(crate) fn attributes<V>(
     event: &OutboxEvent,
     value: impl Fn(String) -> Option<V>,
 ) -> std::collections::HashMap<String, V> {
@@ -141,7 +142,7 @@ pub fn attributes<V>(
 }
 
 /// Every broker crate's kinds, as the `outbox` CLI registers them.
-pub fn registry() -> outbox::Registry {
+pub(crate) fn registry() -> outbox::Registry {
     outbox::Registry::new()
         .with(outbox_aws::Aws)
         .with(outbox_kafka::Kafka)
@@ -164,7 +165,7 @@ impl Side {
 
 /// Runs one broker's comparison and reports it; the broker's resources are removed afterwards
 /// whatever the outcome.
-pub async fn compare(
+pub(crate) async fn compare(
     db: &BenchDb,
     target: Target,
     sizes: Sizes,

@@ -11,7 +11,7 @@ use outbox::OutboxEvent;
 
 use super::{Plain, Target};
 
-pub async fn target(url: &str) -> anyhow::Result<Target> {
+pub(crate) async fn target(url: &str) -> anyhow::Result<Target> {
     let name = super::unique_name("outbox-bench");
     let stream_name = name.replace('-', "_").to_uppercase();
     let client = async_nats::connect(url).await?;
@@ -72,6 +72,9 @@ impl Plain for PlainNats {
     }
 
     async fn teardown(&self) {
-        let _ = self.js.delete_stream(&self.stream.cached_info().config.name).await;
+        let _ = self
+            .js
+            .delete_stream(&self.stream.cached_info().config.name)
+            .await;
     }
 }

@@ -16,9 +16,10 @@ use outbox::OutboxEvent;
 
 use super::{Plain, Target};
 
-pub async fn target(url: &str) -> anyhow::Result<Target> {
+pub(crate) async fn target(url: &str) -> anyhow::Result<Target> {
     let queue = super::unique_name("outbox-bench");
-    let connection = lapin::Connection::connect(url, outbox_amqp::connection_properties("outbox-bench")).await?;
+    let connection =
+        lapin::Connection::connect(url, outbox_amqp::connection_properties("outbox-bench")).await?;
     let channel = connection.create_channel().await?;
     channel
         .queue_declare(

@@ -10,7 +10,7 @@ use outbox::OutboxEvent;
 use super::sqs::sdk;
 use super::{Plain, Target};
 
-pub async fn target(endpoint: &str) -> anyhow::Result<Target> {
+pub(crate) async fn target(endpoint: &str) -> anyhow::Result<Target> {
     let topic = super::unique_name("outbox-bench");
     let toml = format!(
         "[local]\ndefault_destination = \"bench\"\n[local.destinations.bench]\nkind = \"sns\"\ntopic = \"{topic}\"\n[local.aws]\nendpoint = \"{endpoint}\"\n"

@@ -13,7 +13,7 @@ use outbox::OutboxEvent;
 use super::{Plain, Target};
 
 /// The emulator's endpoint, or why it cannot be used.
-pub async fn target(endpoint: &str) -> anyhow::Result<Target> {
+pub(crate) async fn target(endpoint: &str) -> anyhow::Result<Target> {
     let queue = super::unique_name("outbox-bench");
     let toml = format!(
         "[local]\ndefault_destination = \"bench\"\n[local.destinations.bench]\nkind = \"sqs\"\nqueue = \"{queue}\"\n[local.aws]\nendpoint = \"{endpoint}\"\n"
@@ -126,6 +126,11 @@ fn entry(i: usize, event: &OutboxEvent) -> SendMessageBatchRequestEntry {
 }
 
 /// An SDK error with its whole chain (the SDK's Display says only "service error").
-pub fn sdk<E: std::error::Error>(what: &'static str) -> impl Fn(E) -> anyhow::Error {
-    move |e| anyhow::anyhow!("AWS {what}: {}", aws_sdk_sqs::error::DisplayErrorContext(&e))
+pub(crate) fn sdk<E: std::error::Error>(what: &'static str) -> impl Fn(E) -> anyhow::Error {
+    move |e| {
+        anyhow::anyhow!(
+            "AWS {what}: {}",
+            aws_sdk_sqs::error::DisplayErrorContext(&e)
+        )
+    }
 }

@@ -17,12 +17,14 @@ const CONCURRENCY: usize = 32;
 /// `whsec_` + base64 of 32 bytes: the key both sides sign with.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw3Nj0v4yRhK4=";
 
-pub async fn target() -> anyhow::Result<Target> {
+pub(crate) async fn target() -> anyhow::Result<Target> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let url = format!("http://{}/hook", listener.local_addr()?);
     let app = axum::Router::new().route(
         "/hook",
-        axum::routing::post(|_body: axum::body::Bytes| async { axum::http::StatusCode::NO_CONTENT }),
+        axum::routing::post(|_body: axum::body::Bytes| async {
+            axum::http::StatusCode::NO_CONTENT
+        }),
     );
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {

@@ -11,11 +11,11 @@ use outbox::publisher::headers::{
     EVENT_ID as ATTR_EVENT_ID, EVENT_TYPE as ATTR_EVENT_TYPE,
 };
 
-pub fn endpoint() -> String {
+pub(crate) fn endpoint() -> String {
     outbox_testkit::aws_endpoint()
 }
 
-pub fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -23,7 +23,7 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// Queues and a table of one test, created through `outbox aws bootstrap`'s code.
-pub struct Fixture {
+pub(crate) struct Fixture {
     /// The configuration the queues were bootstrapped from (destination `q` = the queue).
     pub config: outbox::Config,
     pub clients: outbox_aws::AwsClients,
@@ -34,7 +34,7 @@ pub struct Fixture {
 
 /// A standard queue (or FIFO with `fifo`) with a DLQ after `max_receive` receives, and a DynamoDB
 /// idempotency table with TTL.
-pub async fn fixture(max_receive: u32, fifo: bool) -> Fixture {
+pub(crate) async fn fixture(max_receive: u32, fifo: bool) -> Fixture {
     let suffix = if fifo { ".fifo" } else { "" };
     let queue = format!("{}{suffix}", unique("cq"));
     let dlq = format!("{}{suffix}", unique("cq-dlq"));
@@ -79,7 +79,7 @@ pub async fn fixture(max_receive: u32, fifo: bool) -> Fixture {
     }
 }
 
-pub fn load_config(toml: &str) -> outbox::Config {
+pub(crate) fn load_config(toml: &str) -> outbox::Config {
     let config = outbox::Config::from_toml_str(toml, "local");
     config.unwrap_or_else(|e| panic!("config: {e}\n{toml}"))
 }
@@ -94,7 +94,7 @@ fn attr(value: &str) -> MessageAttributeValue {
 
 /// Sends a message shaped like the relay's: payload body, outbox attributes. Sending the same
 /// `event_id` twice is a re-sent event (e.g. the relay crashed after publishing).
-pub async fn send(
+pub(crate) async fn send(
     f: &Fixture,
     event_id: uuid::Uuid,
     order_id: &str,
@@ -121,7 +121,7 @@ pub async fn send(
 }
 
 /// Approximate number of messages in a queue (visible + in flight).
-pub async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> i64 {
+pub(crate) async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> i64 {
     use aws_sdk_sqs::types::QueueAttributeName as A;
     let out = sqs
         .get_queue_attributes()
@@ -141,7 +141,7 @@ pub async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> i64 {
 }
 
 /// Polls `check` every 100 ms until it is true or `timeout` passes; returns the last result.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+pub(crate) async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -159,7 +159,7 @@ where
 }
 
 /// Fast options for tests: short polls and visibility.
-pub fn options(queue_url: &str, visibility_secs: u64) -> outbox_consumer::ConsumerOptions {
+pub(crate) fn options(queue_url: &str, visibility_secs: u64) -> outbox_consumer::ConsumerOptions {
     let mut o = outbox_consumer::ConsumerOptions::new(queue_url);
     o.wait_time = Duration::from_secs(1);
     o.visibility_timeout = Duration::from_secs(visibility_secs);

@@ -13,13 +13,13 @@ use outbox::{
 use outbox_testkit::TestDb;
 
 /// The emulator the tests use: `OUTBOX_TEST_AWS_ENDPOINT`, default `http://127.0.0.1:4566`.
-pub fn endpoint() -> String {
+pub(crate) fn endpoint() -> String {
     outbox_testkit::aws_endpoint()
 }
 
 /// `host:port` of the endpoint; only loopback endpoints are accepted, so a test never reaches
 /// real AWS or any other machine.
-pub fn endpoint_addr() -> (String, u16) {
+pub(crate) fn endpoint_addr() -> (String, u16) {
     let url = endpoint();
     let rest = url.strip_prefix("http://").unwrap_or_else(|| {
         panic!("OUTBOX_TEST_AWS_ENDPOINT must be an http:// URL on loopback, got {url}")
@@ -35,7 +35,7 @@ pub fn endpoint_addr() -> (String, u16) {
 }
 
 /// Fails the test with the fix when nothing answers at the endpoint.
-pub async fn require_emulator() {
+pub(crate) async fn require_emulator() {
     let (host, port) = endpoint_addr();
     let host = if host == "localhost" {
         "127.0.0.1".to_owned()
@@ -58,7 +58,7 @@ pub async fn require_emulator() {
 }
 
 /// A short unique name: `<prefix>-<8 hex>`.
-pub fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -66,17 +66,17 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// Loads an `outbox::Config` from TOML text for `profile`, without the process environment.
-pub fn load_config(toml: &str, profile: &str) -> outbox::Config {
+pub(crate) fn load_config(toml: &str, profile: &str) -> outbox::Config {
     let config = outbox::Config::from_toml_str(toml, profile);
     config.unwrap_or_else(|e| panic!("test config does not load: {e}\n{toml}"))
 }
 
 /// The `[local.aws]` section pointing at the test emulator.
-pub fn local_aws_section() -> String {
+pub(crate) fn local_aws_section() -> String {
     format!("[local.aws]\nendpoint = \"{}\"\n", endpoint())
 }
 
-pub fn relay_options() -> RelayOptions {
+pub(crate) fn relay_options() -> RelayOptions {
     RelayOptions {
         batch_size: 50,
         workers: 1,
@@ -93,7 +93,7 @@ pub fn relay_options() -> RelayOptions {
 }
 
 /// A store that keeps published rows (so tests can inspect and re-pend them).
-pub async fn store(db: &TestDb) -> PgStore {
+pub(crate) async fn store(db: &TestDb) -> PgStore {
     PgStore::new(
         db.pool.clone(),
         PgStoreOptions {
@@ -105,12 +105,12 @@ pub async fn store(db: &TestDb) -> PgStore {
     .expect("store")
 }
 
-pub async fn relay<P: Publisher>(db: &TestDb, publisher: P) -> Relay<PgStore, P> {
+pub(crate) async fn relay<P: Publisher>(db: &TestDb, publisher: P) -> Relay<PgStore, P> {
     Relay::new(store(db).await, publisher, relay_options())
 }
 
 /// Enqueues the events in one transaction, in order; returns their ids.
-pub async fn enqueue(db: &TestDb, events: Vec<NewEvent>) -> Vec<uuid::Uuid> {
+pub(crate) async fn enqueue(db: &TestDb, events: Vec<NewEvent>) -> Vec<uuid::Uuid> {
     let outbox = Outbox::new(Schema::default());
     let mut tx = db.pool.begin().await.expect("begin");
     let ids = outbox.enqueue_all(&mut tx, events).await.expect("enqueue");
@@ -118,7 +118,7 @@ pub async fn enqueue(db: &TestDb, events: Vec<NewEvent>) -> Vec<uuid::Uuid> {
     ids
 }
 
-pub fn event(
+pub(crate) fn event(
     aggregate_type: &str,
     aggregate_id: &str,
     event_type: &str,
@@ -130,7 +130,7 @@ pub fn event(
 }
 
 /// `(status, attempts, last_error)` of an event.
-pub async fn row(db: &TestDb, id: uuid::Uuid) -> (String, i32, Option<String>) {
+pub(crate) async fn row(db: &TestDb, id: uuid::Uuid) -> (String, i32, Option<String>) {
     sqlx::query_as("SELECT status, attempts, last_error FROM outbox_event WHERE id = $1")
         .bind(id)
         .fetch_one(&db.pool)
@@ -138,7 +138,7 @@ pub async fn row(db: &TestDb, id: uuid::Uuid) -> (String, i32, Option<String>) {
         .expect("event row")
 }
 
-pub async fn count_status(db: &TestDb, status: &str) -> i64 {
+pub(crate) async fn count_status(db: &TestDb, status: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox_event WHERE status = $1")
         .bind(status)
         .fetch_one(&db.pool)
@@ -147,14 +147,14 @@ pub async fn count_status(db: &TestDb, status: &str) -> i64 {
 }
 
 /// An SQS client for the test emulator (what a consumer would build).
-pub async fn sqs(settings: &outbox_aws::AwsSettings) -> aws_sdk_sqs::Client {
+pub(crate) async fn sqs(settings: &outbox_aws::AwsSettings) -> aws_sdk_sqs::Client {
     outbox_aws::AwsClients::new(settings)
         .await
         .expect("clients")
         .sqs
 }
 
-pub async fn queue_url(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
+pub(crate) async fn queue_url(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
     sqs.get_queue_url()
         .queue_name(name)
         .send()
@@ -167,7 +167,7 @@ pub async fn queue_url(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
 
 /// Receives (and deletes) messages until `expected` arrived or `timeout` passed; then keeps
 /// listening for `quiet` to catch extra (duplicate or unwanted) messages.
-pub async fn receive(
+pub(crate) async fn receive(
     sqs: &aws_sdk_sqs::Client,
     url: &str,
     expected: usize,
@@ -212,19 +212,19 @@ pub async fn receive(
     messages
 }
 
-pub fn attr<'a>(message: &'a Message, name: &str) -> Option<&'a str> {
+pub(crate) fn attr<'a>(message: &'a Message, name: &str) -> Option<&'a str> {
     message
         .message_attributes()
         .and_then(|a| a.get(name))
         .and_then(|v| v.string_value())
 }
 
-pub fn body_json(message: &Message) -> serde_json::Value {
+pub(crate) fn body_json(message: &Message) -> serde_json::Value {
     serde_json::from_str(message.body().unwrap_or("null")).expect("body is JSON")
 }
 
 /// Messages by their `outbox-event-id` attribute; panics on a duplicate.
-pub fn by_event_id(messages: &[Message]) -> HashMap<String, &Message> {
+pub(crate) fn by_event_id(messages: &[Message]) -> HashMap<String, &Message> {
     let mut map = HashMap::new();
     for m in messages {
         let id = attr(m, "outbox-event-id")
