@@ -171,9 +171,9 @@ mod aws {
 
     /// Without the `aws` feature there is nothing to resolve.
     #[derive(serde::Serialize)]
-    pub struct Resolved {}
+    pub(crate) struct Resolved {}
 
-    pub fn resolve(_config: &Config, _problems: &mut [String]) -> Option<Resolved> {
+    pub(crate) fn resolve(_config: &Config, _problems: &mut [String]) -> Option<Resolved> {
         None
     }
 }

@@ -33,17 +33,17 @@ pub(crate) use otlp::Telemetry;
 
 /// Without the `otlp` feature there is never an exporter ([`problems`] refuses an endpoint).
 #[cfg(not(feature = "otlp"))]
-pub enum Telemetry {}
+pub(crate) enum Telemetry {}
 
 #[cfg(not(feature = "otlp"))]
 impl Telemetry {
-    pub fn from_config(_: &Config) -> anyhow::Result<Option<Self>> {
+    pub(crate) fn from_config(_: &Config) -> anyhow::Result<Option<Self>> {
         Ok(None)
     }
-    pub fn layer(&self) -> outbox::logging::ExtraLayer {
+    pub(crate) fn layer(&self) -> outbox::logging::ExtraLayer {
         match *self {}
     }
-    pub fn shutdown(self) {
+    pub(crate) fn shutdown(self) {
         match self {}
     }
 }
