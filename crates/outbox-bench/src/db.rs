@@ -119,6 +119,19 @@ impl BenchDb {
     }
 
     /// Empties the outbox and the business table and resets the wake-up flag.
+    /// The store a drain uses: wake-ups play no part in a drain (every claim is full), and
+    /// without them no listener is left holding a connection after the run.
+    pub(crate) async fn drain_store(&self) -> anyhow::Result<outbox::PgStore> {
+        Ok(outbox::PgStore::new(
+            self.pool.clone(),
+            outbox::PgStoreOptions {
+                notify: false,
+                ..outbox::PgStoreOptions::default()
+            },
+        )
+        .await?)
+    }
+
     pub(crate) async fn reset(&self) -> anyhow::Result<()> {
         sqlx::query("TRUNCATE outbox_event, bench_order")
             .execute(&self.pool)

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use outbox::{MemoryPublisher, PgStore, PgStoreOptions, Relay, RelayOptions};
+use outbox::{MemoryPublisher, Relay, RelayOptions};
 use sqlx::Row;
 
 use crate::db::BenchDb;
@@ -138,16 +138,7 @@ async fn relay_drain(db: &BenchDb, cfg: &DrainConfig, workers: usize) -> anyhow:
 
 /// Drains the preloaded backlog with a null publisher and `options`.
 pub(crate) async fn relay_drain_with(db: &BenchDb, options: RelayOptions) -> anyhow::Result<Run> {
-    // Wake-ups play no part in a drain (every claim is full); without them no listener is left
-    // holding a connection after the run.
-    let store = PgStore::new(
-        db.pool.clone(),
-        PgStoreOptions {
-            notify: false,
-            ..PgStoreOptions::default()
-        },
-    )
-    .await?;
+    let store = db.drain_store().await?;
     let relay = Relay::new(store, MemoryPublisher::counting(), options);
     sys::reset_peak_rss();
     let cpu = sys::cpu_time();

@@ -12,7 +12,8 @@
 //! - `producer`: producer transaction cost: business row alone, + enqueue, + raw SQL insert.
 //! - `brokers`: per broker (SQS, SNS, Kafka, NATS, RabbitMQ, webhook), the relay vs a plain
 //!   loop of the broker's own client sending the same messages with the same batching.
-//! - `observability`: a drain with metrics, the backlog query and info logging vs without them.
+//! - `observability`: a drain with metrics, the backlog query, info logging and OpenTelemetry
+//!   spans vs without them.
 //! - `soak`: many events with retention; table/index size, dead tuples, RSS.
 //! - `profile` (`--only profile`): claim vs settle time of one worker.
 //! - `sys`: CPU time and RSS of this process; `report`: tables and RESULT lines.
@@ -30,9 +31,14 @@ mod sys;
 
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use clap::Parser;
+use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer as _;
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmarks the outbox relay against the physical limit and naive designs")]
@@ -113,15 +119,34 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // The log filter can be switched while running: the `observability` scenario measures the
-    // relay with the CLI's default filter against `warn`.
-    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(
+    // The log filter can be switched while running, and the relay's spans recorded for
+    // OpenTelemetry or not: the `observability` scenario measures both.
+    let (log_filter, filter_handle) = tracing_subscriber::reload::Layer::new(
         tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
     );
+    let traced = Arc::new(AtomicBool::new(false));
+    let spans_exported = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tracer_provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(observe::Discard(spans_exported.clone()))
+        .build();
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(tracer_provider.tracer("outbox-bench"))
+        .with_filter(
+            // Asked on every span (not cached per callsite as `filter_fn` is): the switch moves.
+            tracing_subscriber::filter::dynamic_filter_fn({
+                let traced = traced.clone();
+                move |meta, _| traced.load(Ordering::Relaxed) && meta.target().starts_with("outbox")
+            })
+            .with_max_level_hint(tracing::Level::DEBUG),
+        );
     tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(log_filter),
+        )
+        .with(spans)
         .init();
     let set_log_filter: observe::SetLogFilter = Box::new(move |directives: &str| {
         filter_handle
@@ -132,15 +157,23 @@ async fn main() -> anyhow::Result<()> {
     // One recorder for the whole run, on with --metrics; the `observability` scenario switches it.
     let recorder = outbox_admin::prometheus_recorder().map_err(anyhow::Error::msg)?;
     let metrics = recorder.handle();
-    let switch = std::sync::Arc::new(observe::Switch::new(recorder, args.metrics));
+    let switch = Arc::new(observe::Switch::new(recorder, args.metrics));
     metrics::set_global_recorder(switch.clone())
         .map_err(|_| anyhow::anyhow!("a metrics recorder was installed before the benchmark's"))?;
     outbox::metrics::describe();
     outbox_admin::spawn_upkeep(metrics.clone()).map_err(anyhow::Error::msg)?;
+    let controls = observe::Controls {
+        metrics: switch,
+        set_log_filter,
+        traced,
+        tracer_provider: tracer_provider.clone(),
+        spans_exported,
+    };
     let started = Instant::now();
     let db = db::BenchDb::create(&args.database_url).await?;
     let mut report = report::Report::default();
-    let outcome = run(&args, &db, &switch, &set_log_filter, &mut report).await;
+    let outcome = run(&args, &db, &controls, &mut report).await;
+    let _ = tracer_provider.shutdown();
     let dropped = db.drop_db().await;
     report.print_results();
     println!(
@@ -165,8 +198,7 @@ async fn main() -> anyhow::Result<()> {
 async fn run(
     args: &Args,
     db: &db::BenchDb,
-    switch: &observe::Switch,
-    set_log_filter: &observe::SetLogFilter,
+    controls: &observe::Controls,
     report: &mut report::Report,
 ) -> anyhow::Result<()> {
     let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
@@ -267,8 +299,8 @@ async fn run(
                 .unwrap_or(if full { 5 } else { 2 }),
         };
         // The other scenarios run with the recorder as --metrics asked.
-        let outcome = observe::run(db, &cfg, switch, set_log_filter, report).await;
-        switch.set(args.metrics);
+        let outcome = observe::run(db, &cfg, controls, report).await;
+        controls.metrics.set(args.metrics);
         outcome?;
     }
     if full && wanted("soak") {

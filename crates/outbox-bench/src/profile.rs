@@ -3,21 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use outbox::{Claim, Outcome, PgStore, PgStoreOptions, Store};
+use outbox::{Claim, Outcome, Store};
 
 use crate::db::BenchDb;
 use crate::report::{Report, Table};
 
 pub(crate) async fn run(db: &BenchDb, events: i64, report: &mut Report) -> anyhow::Result<()> {
     db.preload(events, 10_000).await?;
-    let store = PgStore::new(
-        db.pool.clone(),
-        PgStoreOptions {
-            notify: false,
-            ..PgStoreOptions::default()
-        },
-    )
-    .await?;
+    let store = db.drain_store().await?;
     let (mut claim_t, mut settle_t, mut batches) = (Duration::ZERO, Duration::ZERO, 0u32);
     let start = Instant::now();
     loop {

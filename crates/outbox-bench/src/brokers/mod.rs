@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::{stream, StreamExt, TryStreamExt};
-use outbox::{OutboxEvent, PgStore, PgStoreOptions, Publisher, Relay, RelayOptions};
+use outbox::{OutboxEvent, Publisher, Relay, RelayOptions};
 
 use crate::db::BenchDb;
 use crate::report::{fmt_num, Report, Table};
@@ -236,14 +236,7 @@ async fn measure(
     // Every drain starts with a check(): what it costs is part of the relay's time per chunk.
     let check = started.elapsed();
     let alone = registry.build(&config).await?;
-    let store = PgStore::new(
-        db.pool.clone(),
-        PgStoreOptions {
-            notify: false,
-            ..PgStoreOptions::default()
-        },
-    )
-    .await?;
+    let store = db.drain_store().await?;
     let relay = Relay::new(
         store,
         publisher,
