@@ -698,6 +698,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_literal_url_that_does_not_parse_is_refused_when_the_publisher_is_built() {
+        // Events are not checked one by one against a literal URL: the check is here, once.
+        let refused = WebhookPublisher::new("hooks", WebhookDestination::new("http://exa mple/in"));
+        match refused {
+            Err(WebhookError::Config(reason)) => {
+                assert!(reason.contains("destinations.hooks.url"), "{reason}")
+            }
+            other => panic!(
+                "expected a configuration error, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+        assert!(
+            WebhookPublisher::new("hooks", WebhookDestination::new("http://127.0.0.1:9/in"))
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn retry_after_takes_seconds_and_dates() {
         assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
         let later = SystemTime::now() + Duration::from_secs(100);
