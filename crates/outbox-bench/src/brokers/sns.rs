@@ -12,13 +12,8 @@ use super::{Plain, Target};
 
 pub(crate) async fn target(endpoint: &str) -> anyhow::Result<Target> {
     let topic = super::unique_name("outbox-bench");
-    let toml = format!(
-        "[local]\ndefault_destination = \"bench\"\n[local.destinations.bench]\nkind = \"sns\"\ntopic = \"{topic}\"\n[local.aws]\nendpoint = \"{endpoint}\"\n"
-    );
-    let config = outbox::Config::from_toml_str(&toml, "local")?;
-    let sns = outbox_aws::AwsClients::new(&outbox_aws::AwsSettings::from_config(&config)?)
-        .await?
-        .sns;
+    let (toml, clients) = super::sqs::emulator("sns", "topic", &topic, endpoint).await?;
+    let sns = clients.sns;
     let arn = sns
         .create_topic()
         .name(&topic)

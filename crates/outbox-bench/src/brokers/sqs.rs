@@ -12,16 +12,10 @@ use outbox::OutboxEvent;
 
 use super::{Plain, Target};
 
-/// The emulator's endpoint, or why it cannot be used.
 pub(crate) async fn target(endpoint: &str) -> anyhow::Result<Target> {
     let queue = super::unique_name("outbox-bench");
-    let toml = format!(
-        "[local]\ndefault_destination = \"bench\"\n[local.destinations.bench]\nkind = \"sqs\"\nqueue = \"{queue}\"\n[local.aws]\nendpoint = \"{endpoint}\"\n"
-    );
-    let config = outbox::Config::from_toml_str(&toml, "local")?;
-    let sqs = outbox_aws::AwsClients::new(&outbox_aws::AwsSettings::from_config(&config)?)
-        .await?
-        .sqs;
+    let (toml, clients) = emulator("sqs", "queue", &queue, endpoint).await?;
+    let sqs = clients.sqs;
     let url = sqs
         .create_queue()
         .queue_name(&queue)
@@ -105,6 +99,23 @@ impl Plain for PlainSqs {
     async fn teardown(&self) {
         let _ = self.sqs.delete_queue().queue_url(&self.url).send().await;
     }
+}
+
+/// The relay's configuration for one destination of `kind` on the emulator at `endpoint` (its
+/// `name_key` = `name`), and the SDK clients of the same settings, for the plain loop.
+pub(super) async fn emulator(
+    kind: &str,
+    name_key: &str,
+    name: &str,
+    endpoint: &str,
+) -> anyhow::Result<(String, outbox_aws::AwsClients)> {
+    let toml = format!(
+        "[local]\ndefault_destination = \"bench\"\n[local.destinations.bench]\nkind = \"{kind}\"\n{name_key} = \"{name}\"\n[local.aws]\nendpoint = \"{endpoint}\"\n"
+    );
+    let config = outbox::Config::from_toml_str(&toml, "local")?;
+    let clients =
+        outbox_aws::AwsClients::new(&outbox_aws::AwsSettings::from_config(&config)?).await?;
+    Ok((toml, clients))
 }
 
 /// What a hand-written loop sends for an event: the payload as body, the identity headers as
