@@ -369,7 +369,9 @@ impl KafkaConfig {
     }
 
     /// How long librdkafka may try to deliver a message: below the relay's publish timeout, so
-    /// that every delivery is reported before the relay stops waiting.
+    /// that every delivery is reported before the relay stops waiting. librdkafka looks for
+    /// timed-out messages about once a second, so a report can come up to ~1 s after this
+    /// timeout: the default keeps ¾ of the publish timeout and at least 1.5 s below it.
     pub fn delivery_timeout(&self) -> Duration {
         let configured = self
             .section
@@ -378,7 +380,14 @@ impl KafkaConfig {
             .or_else(|| self.section.properties.get("delivery.timeout.ms"))
             .and_then(|v| v.to_string().parse::<u64>().ok())
             .map(Duration::from_millis);
-        configured.unwrap_or_else(|| (self.publish_timeout * 3 / 4).max(Duration::from_millis(500)))
+        configured.unwrap_or_else(|| {
+            (self.publish_timeout * 3 / 4)
+                .min(
+                    self.publish_timeout
+                        .saturating_sub(Duration::from_millis(1500)),
+                )
+                .max(Duration::from_millis(500))
+        })
     }
 
     /// `[kafka]` for display: the brokers, and properties with secrets redacted.
